@@ -1,0 +1,34 @@
+"""implicit-meta: implicit-gradient meta-learning (iMAML) for PyTorch as an optimizer plug-in.
+
+Example:
+    >>> import implicit_meta as im
+    >>> "newton_cg" in im.list_inner_solvers()
+    True
+"""
+
+from implicit_meta import functional
+from implicit_meta.functional.cg import CGStatus
+from implicit_meta.optimizer import ImplicitMetaOptimizer
+from implicit_meta.result import MetaBackwardResult
+from implicit_meta.solvers import (
+    get_inner_solver,
+    inner_solver,
+    list_inner_solvers,
+    torch_optimizer_solver,
+    unregister_inner_solver,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CGStatus",
+    "ImplicitMetaOptimizer",
+    "MetaBackwardResult",
+    "__version__",
+    "functional",
+    "get_inner_solver",
+    "inner_solver",
+    "list_inner_solvers",
+    "torch_optimizer_solver",
+    "unregister_inner_solver",
+]

@@ -1,0 +1,494 @@
+"""``ImplicitMetaOptimizer``: iMAML meta-training as a plug-in around any model and optimizer."""
+
+from __future__ import annotations
+
+import copy
+import math
+import numbers
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from implicit_meta._module import LossFn, check_batch, functional_loss, split_state
+from implicit_meta.functional._tree import Params
+from implicit_meta.functional.cg import CGStatus
+from implicit_meta.functional.hvp import resolve_hvp_mode
+from implicit_meta.functional.implicit import (
+    TaskGradient,
+    proximal_objective,
+    task_meta_gradient,
+)
+from implicit_meta.result import MetaBackwardResult
+from implicit_meta.solvers.registry import get_inner_solver, registered_name
+from implicit_meta.solvers.torch_optim import torch_optimizer_solver
+
+InnerSpec = str | Callable[..., Params] | type[torch.optim.Optimizer]
+"""What ``inner=`` accepts: a registered name, a solver function, or a torch.optim class."""
+
+_TORCH_OPTIM_PREFIX = "torch.optim."
+
+
+def _resolve_inner(inner: InnerSpec) -> tuple[Callable[..., Params], str | None]:
+    """The solver function for ``inner`` and the name that recreates it, if any."""
+    if isinstance(inner, str):
+        if inner.startswith(_TORCH_OPTIM_PREFIX):
+            optimizer_class = getattr(torch.optim, inner[len(_TORCH_OPTIM_PREFIX) :], None)
+            if isinstance(optimizer_class, type) and issubclass(
+                optimizer_class, torch.optim.Optimizer
+            ):
+                return torch_optimizer_solver(optimizer_class), inner
+        return get_inner_solver(inner), inner
+    if isinstance(inner, type):
+        if issubclass(inner, torch.optim.Optimizer):
+            name = None
+            if getattr(torch.optim, inner.__name__, None) is inner:
+                name = _TORCH_OPTIM_PREFIX + inner.__name__
+            return torch_optimizer_solver(inner), name
+        raise TypeError(f"inner class must be a torch.optim.Optimizer subclass, got {inner!r}")
+    if callable(inner):
+        return inner, registered_name(inner)
+    raise TypeError(
+        "inner must be a registered solver name, a solver function or a torch.optim.Optimizer "
+        f"subclass, got {type(inner).__name__}"
+    )
+
+
+def _check_int(value: object, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be at least {minimum}, got {value}")
+    return int(value)
+
+
+def _check_float(value: object, name: str, *, positive: bool) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"{name} must be finite, got {number}")
+    if positive and number <= 0:
+        raise ValueError(f"{name} must be positive, got {number}")
+    if not positive and number < 0:
+        raise ValueError(f"{name} must be non-negative, got {number}")
+    return number
+
+
+def _validated_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
+    options = settings.get("inner_options")
+    if options is not None and not isinstance(options, Mapping):
+        raise TypeError(f"inner_options must be a dict or None, got {type(options).__name__}")
+    return {
+        "reg": _check_float(settings["reg"], "reg", positive=True),
+        "inner_steps": _check_int(settings["inner_steps"], "inner_steps", 0),
+        "inner_lr": _check_float(settings["inner_lr"], "inner_lr", positive=True),
+        "inner_options": dict(options or {}),
+        "cg_steps": _check_int(settings["cg_steps"], "cg_steps", 1),
+        "cg_tol": _check_float(settings["cg_tol"], "cg_tol", positive=False),
+        "hvp": _check_hvp(settings["hvp"]),
+    }
+
+
+def _check_hvp(mode: object) -> str:
+    if not isinstance(mode, str):
+        raise TypeError(f"hvp must be a string, got {mode!r}")
+    resolve_hvp_mode(mode)  # raises ValueError naming the known modes
+    return mode
+
+
+class ImplicitMetaOptimizer:
+    """iMAML meta-training for any ``nn.Module`` and any outer ``torch.optim`` optimizer.
+
+    Per task, the model's trainable parameters ``theta`` are adapted by the inner solver to
+    ``phi* = argmin_phi L_in(phi) + reg/2 ||phi - theta||^2`` (started at ``theta``, on detached
+    tensors), and the meta-gradient ``(I + H/reg)^-1 grad L_out(phi*)`` is solved by conjugate
+    gradient on Hessian-vector products of ``L_in`` at ``phi*``. Nothing differentiates through
+    the inner loop, so memory does not grow with ``inner_steps``.
+
+    Parameters with ``requires_grad=False`` are not meta-parameters: they are used as constants,
+    never adapted, and get no ``.grad``.
+
+    Buffers: every evaluation starts from a fresh copy of the model's buffers, and updates made
+    during it are discarded, so the inner loop, the outer loss and the Hessian products never
+    write into the model. In training mode BatchNorm normalises with the statistics of the batch
+    it sees (as in MAML and iMAML: adapt and evaluate a task in training mode); in eval mode it
+    uses the model's running statistics, which meta-training leaves unchanged.
+
+    Args:
+        model: The model whose trainable parameters are the meta-parameters.
+        outer_optimizer: Any ``torch.optim`` optimizer over (some of) the model's parameters.
+        reg: Proximal regularisation strength ``lambda > 0``.
+        inner: Inner solver: a registered name (see :func:`list_inner_solvers`: ``"sgd"``,
+            ``"adam"``, ``"lbfgs"``, ``"newton_cg"``, ...), a solver function
+            ``solver(objective, params, *, steps, lr, **options)``, or a ``torch.optim.Optimizer``
+            subclass such as ``torch.optim.Adam`` (run on detached copies; see
+            :func:`torch_optimizer_solver`).
+        inner_steps: Inner solver steps per task (``0`` gives ``phi* = theta``).
+        inner_lr: Inner learning rate (for ``"lbfgs"`` and ``"newton_cg"``, the first step length
+            of the line search, where ``1.0`` is natural).
+        inner_options: Extra keyword arguments for the inner solver, e.g. ``{"momentum": 0.9}``.
+        cg_steps: CG iterations (Hessian-vector products) per task.
+        cg_tol: CG's relative residual tolerance.
+        hvp: Hessian-vector product strategy: ``"auto"``, ``"reverse_over_reverse"`` or
+            ``"forward_over_reverse"`` (see :func:`implicit_meta.functional.make_hvp`).
+
+    Raises:
+        ValueError: If a setting is out of range, the solver name is unknown, the model has no
+            trainable parameters, or the outer optimizer holds tensors that are not the model's.
+        TypeError: If an argument has the wrong type.
+
+    Example:
+        >>> import torch, torch.nn.functional as F
+        >>> import implicit_meta as im
+        >>> model = torch.nn.Linear(4, 3)
+        >>> meta = im.ImplicitMetaOptimizer(model, torch.optim.Adam(model.parameters(), 1e-3),
+        ...                                 reg=2.0, inner="sgd", inner_steps=5, inner_lr=0.1)
+        >>> loss_fn = lambda module, batch: F.cross_entropy(module(batch[0]), batch[1])
+        >>> support = (torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2]))
+        >>> query = (torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2]))
+        >>> meta.zero_grad()
+        >>> result = meta.meta_backward(loss_fn, support, query)
+        >>> meta.step()
+        >>> model.weight.grad.shape
+        torch.Size([3, 4])
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        outer_optimizer: torch.optim.Optimizer,
+        reg: float = 2.0,
+        inner: InnerSpec = "sgd",
+        inner_steps: int = 16,
+        inner_lr: float = 0.1,
+        inner_options: Mapping[str, Any] | None = None,
+        cg_steps: int = 5,
+        cg_tol: float = 1e-10,
+        hvp: str = "auto",
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not isinstance(outer_optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                "outer_optimizer must be a torch.optim.Optimizer, "
+                f"got {type(outer_optimizer).__name__}"
+            )
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        if not trainable:
+            raise ValueError("the model has no trainable parameters (none has requires_grad=True)")
+        model_ids = {id(p) for p in model.parameters()}
+        for group in outer_optimizer.param_groups:
+            for param in group["params"]:
+                if id(param) not in model_ids:
+                    raise ValueError(
+                        "outer_optimizer holds a tensor that is not a parameter of the model "
+                        f"(shape {tuple(param.shape)})"
+                    )
+        settings = _validated_settings(
+            {
+                "reg": reg,
+                "inner_steps": inner_steps,
+                "inner_lr": inner_lr,
+                "inner_options": inner_options,
+                "cg_steps": cg_steps,
+                "cg_tol": cg_tol,
+                "hvp": hvp,
+            }
+        )
+        solver, inner_name = _resolve_inner(inner)
+        self.model = model
+        self.outer_optimizer = outer_optimizer
+        self._solver = solver
+        self._inner_name = inner_name
+        self._apply_settings(settings)
+        self._warned_curvature = False
+
+    def _apply_settings(self, settings: Mapping[str, Any]) -> None:
+        self.reg: float = settings["reg"]
+        self.inner_steps: int = settings["inner_steps"]
+        self.inner_lr: float = settings["inner_lr"]
+        self.inner_options: dict[str, Any] = settings["inner_options"]
+        self.cg_steps: int = settings["cg_steps"]
+        self.cg_tol: float = settings["cg_tol"]
+        self.hvp: str = settings["hvp"]
+
+    @property
+    def inner(self) -> Callable[..., Params]:
+        """The inner solver function in use."""
+        return self._solver
+
+    def _trainable(self) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+
+    def _solve_task(
+        self, loss_fn: LossFn, support: Any, query: Any, outer_loss_fn: LossFn | None
+    ) -> TaskGradient:
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+        check_batch(support, "support")
+        check_batch(query, "query")
+        if not self._trainable():
+            raise ValueError("the model has no trainable parameters (none has requires_grad=True)")
+        theta, frozen, buffers = split_state(self.model)
+        inner_loss = functional_loss(self.model, loss_fn, support, frozen, buffers, "loss_fn")
+        outer_loss = functional_loss(
+            self.model,
+            outer_loss_fn or loss_fn,
+            query,
+            frozen,
+            buffers,
+            "outer_loss_fn" if outer_loss_fn is not None else "loss_fn",
+        )
+        # Validate the loss at theta first, so a wrong loss fails before any solver work.
+        inner_loss(theta)
+        return task_meta_gradient(
+            inner_loss,
+            outer_loss,
+            theta,
+            self._solver,
+            reg=self.reg,
+            steps=self.inner_steps,
+            lr=self.inner_lr,
+            cg_steps=self.cg_steps,
+            cg_tol=self.cg_tol,
+            hvp_mode=self.hvp,
+            solver_options=self.inner_options,
+        )
+
+    def _check_solver_output(self, phi: Mapping[str, Tensor], theta: Mapping[str, Tensor]) -> None:
+        if not isinstance(phi, Mapping) or set(phi) != set(theta):
+            raise ValueError("the inner solver must return a dict with the same keys as its params")
+        for k, v in theta.items():
+            if phi[k].shape != v.shape:
+                raise ValueError(
+                    f"the inner solver returned shape {tuple(phi[k].shape)} for {k!r}, "
+                    f"expected {tuple(v.shape)}"
+                )
+
+    def meta_backward(
+        self,
+        loss_fn: LossFn,
+        support: Any,
+        query: Any,
+        *,
+        outer_loss_fn: LossFn | None = None,
+    ) -> MetaBackwardResult:
+        """Adapt to one task and accumulate its implicit meta-gradient into ``p.grad``.
+
+        Like ``loss.backward()``, gradients add up across calls until :meth:`zero_grad`. If
+        anything fails (bad input, a non-finite loss), the parameters, their ``.grad`` and the
+        optimizer state are left exactly as they were.
+
+        Args:
+            loss_fn: ``loss_fn(module, batch) -> scalar tensor``; inside it, calling ``module``
+                evaluates the model at the current inner parameters.
+            support: The task's support (inner) batch, passed to ``loss_fn``.
+            query: The task's query (outer) batch.
+            outer_loss_fn: Loss on the query batch, if it differs from ``loss_fn``.
+
+        Returns:
+            The task's losses and diagnostics (see :class:`MetaBackwardResult`).
+
+        Raises:
+            ValueError: For an empty batch, a loss that is not a scalar, or a non-finite inner
+                or outer loss or meta-gradient.
+            TypeError: If ``loss_fn`` is not callable or returns something that is not a tensor.
+
+        Example:
+            >>> import torch, torch.nn.functional as F
+            >>> import implicit_meta as im
+            >>> model = torch.nn.Linear(2, 1)
+            >>> meta = im.ImplicitMetaOptimizer(model, torch.optim.SGD(model.parameters(), 0.1))
+            >>> mse = lambda m, b: F.mse_loss(m(b[0]), b[1])
+            >>> batch = (torch.randn(8, 2), torch.randn(8, 1))
+            >>> r = meta.meta_backward(mse, batch, batch)
+            >>> r.status.name in {"CONVERGED", "MAX_STEPS"}
+            True
+        """
+        task = self._solve_task(loss_fn, support, query, outer_loss_fn)
+        trainable = self._trainable()
+        theta = {n: p for n, p in trainable}
+        self._check_solver_output(task.phi, theta)
+        grad_finite = torch.stack([torch.isfinite(g).all() for g in task.meta_grad.values()]).all()
+        # One host sync per task, after all the work, to decide whether it is safe to write.
+        flags = torch.stack(
+            [
+                torch.isfinite(task.inner_loss).to(torch.int64),
+                torch.isfinite(task.outer_loss).to(torch.int64),
+                grad_finite.to(torch.int64),
+                task.cg.status.to(torch.int64),
+            ]
+        ).tolist()
+        inner_ok, outer_ok, grad_ok, status = flags
+        if not inner_ok:
+            raise ValueError(
+                f"the inner loss is not finite ({float(task.inner_loss)}) at the adapted "
+                "parameters; the inner solver diverged or loss_fn produced NaN/inf on the support "
+                "batch (try a smaller inner_lr)"
+            )
+        if not outer_ok:
+            raise ValueError(
+                f"the outer loss is not finite ({float(task.outer_loss)}) on the query batch"
+            )
+        if not grad_ok or status == CGStatus.NONFINITE:
+            raise ValueError(
+                "the meta-gradient is not finite: a Hessian-vector product produced NaN/inf"
+            )
+        if status == CGStatus.NONPOSITIVE_CURVATURE and not self._warned_curvature:
+            self._warned_curvature = True
+            warnings.warn(
+                f"I + H/reg is not positive definite at the adapted parameters (reg={self.reg}); "
+                "CG stopped at the last good iterate. This warning is shown once per optimizer; "
+                "the result's cg_status marks each affected task (a larger reg helps)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        with torch.no_grad():
+            for name, param in trainable:
+                grad = task.meta_grad[name].to(dtype=param.dtype, device=param.device)
+                if param.grad is None:
+                    param.grad = grad.clone()
+                else:
+                    param.grad.add_(grad)
+        return MetaBackwardResult(
+            outer_loss=task.outer_loss,
+            inner_loss=task.inner_loss,
+            stationarity=task.stationarity,
+            cg_residual=task.cg.residual_norm.detach(),
+            cg_iterations=task.cg.iterations,
+            cg_status=task.cg.status,
+        )
+
+    def adapt(self, loss_fn: LossFn, support: Any) -> nn.Module:
+        """A copy of the model at the parameters adapted to ``support``, for evaluation.
+
+        The copy is independent of the model (a deep copy with the adapted parameters loaded);
+        the model itself is unchanged.
+
+        Args:
+            loss_fn: ``loss_fn(module, batch) -> scalar tensor``.
+            support: The task's support batch.
+
+        Returns:
+            A callable ``nn.Module`` at ``phi*``, in the model's current train/eval mode.
+
+        Raises:
+            ValueError: For an empty batch, a loss that is not a scalar or a non-finite inner loss.
+
+        Example:
+            >>> import torch, torch.nn.functional as F
+            >>> import implicit_meta as im
+            >>> model = torch.nn.Linear(2, 1)
+            >>> meta = im.ImplicitMetaOptimizer(model, torch.optim.SGD(model.parameters(), 0.1))
+            >>> batch = (torch.randn(8, 2), torch.randn(8, 1))
+            >>> adapted = meta.adapt(lambda m, b: F.mse_loss(m(b[0]), b[1]), batch)
+            >>> adapted(batch[0]).shape
+            torch.Size([8, 1])
+        """
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+        check_batch(support, "support")
+        theta, frozen, buffers = split_state(self.model)
+        if not theta:
+            raise ValueError("the model has no trainable parameters (none has requires_grad=True)")
+        inner_loss = functional_loss(self.model, loss_fn, support, frozen, buffers, "loss_fn")
+        inner_loss(theta)
+        objective = proximal_objective(inner_loss, theta, self.reg)
+        start = {k: v.clone() for k, v in theta.items()}
+        phi = self._solver(
+            objective, start, steps=self.inner_steps, lr=self.inner_lr, **self.inner_options
+        )
+        self._check_solver_output(phi, theta)
+        value = inner_loss({k: v.detach() for k, v in phi.items()})
+        if not bool(torch.isfinite(value)):
+            raise ValueError(
+                f"the inner loss is not finite ({float(value)}) at the adapted parameters"
+            )
+        adapted = copy.deepcopy(self.model)
+        with torch.no_grad():
+            for name, param in adapted.named_parameters():
+                if name in phi:
+                    param.copy_(phi[name])
+                param.grad = None
+        return adapted
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear the gradients of the model's trainable parameters and the outer optimizer's.
+
+        Args:
+            set_to_none: Set gradients to ``None`` instead of zero tensors.
+        """
+        self.outer_optimizer.zero_grad(set_to_none=set_to_none)
+        for _, param in self._trainable():
+            if param.grad is None:
+                continue
+            if set_to_none:
+                param.grad = None
+            else:
+                param.grad.zero_()
+
+    def step(self) -> None:
+        """Take one outer optimizer step with the accumulated meta-gradients."""
+        self.outer_optimizer.step()
+
+    def settings(self) -> dict[str, Any]:
+        """The current settings as plain Python values (what :meth:`state_dict` stores).
+
+        Returns:
+            A dict with ``reg``, ``inner`` (its name, or ``None`` for an unregistered function),
+            ``inner_steps``, ``inner_lr``, ``inner_options``, ``cg_steps``, ``cg_tol``, ``hvp``.
+        """
+        return {
+            "reg": self.reg,
+            "inner": self._inner_name,
+            "inner_steps": self.inner_steps,
+            "inner_lr": self.inner_lr,
+            "inner_options": dict(self.inner_options),
+            "cg_steps": self.cg_steps,
+            "cg_tol": self.cg_tol,
+            "hvp": self.hvp,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """The outer optimizer's state and the settings, loadable with ``weights_only=True``.
+
+        Returns:
+            ``{"outer_optimizer": ..., "settings": ...}``.
+        """
+        return {"outer_optimizer": self.outer_optimizer.state_dict(), "settings": self.settings()}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned; on error nothing changes.
+
+        Args:
+            state_dict: A dict from :meth:`state_dict`.
+
+        Raises:
+            ValueError: If keys are missing, a setting is invalid, the inner solver name is not
+                registered, or the optimizer state does not match the optimizer.
+        """
+        if not isinstance(state_dict, Mapping) or not {"outer_optimizer", "settings"} <= set(
+            state_dict
+        ):
+            raise ValueError("state_dict must hold 'outer_optimizer' and 'settings'")
+        raw = state_dict["settings"]
+        missing = {"reg", "inner_steps", "inner_lr", "cg_steps", "cg_tol", "hvp"} - set(raw)
+        if missing:
+            raise ValueError(f"state_dict settings lack {sorted(missing)}")
+        settings = _validated_settings(raw)
+        inner_name = raw.get("inner")
+        solver, name = (self._solver, self._inner_name)
+        if inner_name is not None:
+            solver, name = _resolve_inner(str(inner_name))
+        # Loading the optimizer can still fail (mismatched groups); it validates before writing.
+        backup = copy.deepcopy(self.outer_optimizer.state_dict())
+        try:
+            self.outer_optimizer.load_state_dict(state_dict["outer_optimizer"])
+        except Exception:
+            self.outer_optimizer.load_state_dict(backup)
+            raise
+        self._solver, self._inner_name = solver, name
+        self._apply_settings(settings)

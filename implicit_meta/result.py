@@ -1,0 +1,67 @@
+"""What one call of :meth:`ImplicitMetaOptimizer.meta_backward` reports."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from implicit_meta.functional.cg import CGStatus
+
+
+@dataclass(frozen=True)
+class MetaBackwardResult:
+    """Losses and solver diagnostics of one task, as detached tensors (reading them syncs).
+
+    Attributes:
+        outer_loss: Query loss ``L_out(phi*)`` at the adapted parameters.
+        inner_loss: Support loss ``L_in(phi*)`` at the adapted parameters (no proximal term).
+        stationarity: ``||grad L_in(phi*) + reg (phi* - theta)||``; the implicit gradient is exact
+            only when this is near zero, so watch it when choosing inner steps and inner lr.
+        cg_residual: ``||b - (I + H/reg) x||`` of the returned meta-gradient ``x``.
+        cg_iterations: CG iterations that updated the solution.
+        cg_status: A :class:`~implicit_meta.functional.CGStatus` value as an int64 tensor.
+
+    Example:
+        >>> import torch
+        >>> r = MetaBackwardResult(*(torch.tensor(0.0),) * 4, torch.tensor(3), torch.tensor(1))
+        >>> r.status
+        <CGStatus.MAX_STEPS: 1>
+    """
+
+    outer_loss: Tensor
+    inner_loss: Tensor
+    stationarity: Tensor
+    cg_residual: Tensor
+    cg_iterations: Tensor
+    cg_status: Tensor
+
+    @property
+    def status(self) -> CGStatus | list[CGStatus]:
+        """CG status as the enum (a list of them for batched results)."""
+        if self.cg_status.dim() == 0:
+            return CGStatus(int(self.cg_status))
+        return [CGStatus(int(s)) for s in self.cg_status.flatten().tolist()]
+
+    def to_dict(self) -> dict[str, float | int | str]:
+        """Plain Python numbers for logging (one host sync); batched values are averaged.
+
+        Returns:
+            A dict with the same keys as the attributes; the status as its name.
+
+        Example:
+            >>> import torch
+            >>> r = MetaBackwardResult(*(torch.tensor(0.5),) * 4, torch.tensor(2), torch.tensor(0))
+            >>> r.to_dict()["cg_status"]
+            'CONVERGED'
+        """
+        status = self.status
+        names = [s.name for s in status] if isinstance(status, list) else [status.name]
+        return {
+            "outer_loss": float(self.outer_loss.float().mean()),
+            "inner_loss": float(self.inner_loss.float().mean()),
+            "stationarity": float(self.stationarity.float().mean()),
+            "cg_residual": float(self.cg_residual.float().mean()),
+            "cg_iterations": int(self.cg_iterations.max()),
+            "cg_status": names[0] if len(set(names)) == 1 else ",".join(sorted(set(names))),
+        }

@@ -1,0 +1,153 @@
+"""The inner-solver registry: ``@inner_solver("name")`` and lookups by name.
+
+Like timm's ``@register_model``, the decorator records a plain function and returns it unchanged,
+so a solver stays an ordinary, testable function.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
+
+from torch import Tensor
+
+from implicit_meta.functional._tree import Params
+
+Objective = Callable[[Params], Tensor]
+"""The full proximal inner objective ``L_in(phi) + reg/2 ||phi - theta||^2`` of a parameter dict."""
+
+
+class InnerSolver(Protocol):
+    """What an inner solver is: a function from an objective and a start to adapted parameters.
+
+    ``objective(params)`` returns a scalar tensor and can be differentiated with ``torch.func``
+    (or autograd on leaves that require grad); ``params`` holds detached tensors that start at
+    the meta-parameters. The solver returns a dict with the same keys and shapes.
+    """
+
+    def __call__(
+        self, objective: Objective, params: Params, *, steps: int, lr: float, **options: Any
+    ) -> Params:
+        """Minimise ``objective`` from ``params`` and return the result."""
+        ...
+
+
+SolverT = TypeVar("SolverT", bound=Callable[..., Params])
+
+_REGISTRY: dict[str, Callable[..., Params]] = {}
+
+
+def inner_solver(name: str, *, overwrite: bool = False) -> Callable[[SolverT], SolverT]:
+    """Register an inner solver under ``name``; the function is returned unchanged.
+
+    Args:
+        name: Name for ``ImplicitMetaOptimizer(inner=name)``.
+        overwrite: Replace an existing registration of the same name instead of raising.
+
+    Returns:
+        A decorator that records the function and returns it as it was.
+
+    Raises:
+        ValueError: If ``name`` is empty or already taken (and ``overwrite`` is false).
+
+    Example:
+        >>> import torch
+        >>> @inner_solver("gd_doc_example")
+        ... def gd(objective, params, *, steps, lr):
+        ...     for _ in range(steps):
+        ...         grads = torch.func.grad(objective)(params)
+        ...         params = {k: v - lr * grads[k] for k, v in params.items()}
+        ...     return params
+        >>> "gd_doc_example" in list_inner_solvers()
+        True
+        >>> unregister_inner_solver("gd_doc_example")
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"inner solver name must be a non-empty string, got {name!r}")
+
+    def register(fn: SolverT) -> SolverT:
+        if not callable(fn):
+            raise TypeError(f"inner solver {name!r} must be callable, got {type(fn).__name__}")
+        if name in _REGISTRY and not overwrite and _REGISTRY[name] is not fn:
+            raise ValueError(
+                f"an inner solver named {name!r} is already registered; "
+                "pass overwrite=True to replace it"
+            )
+        _REGISTRY[name] = fn
+        return fn
+
+    return register
+
+
+def unregister_inner_solver(name: str) -> None:
+    """Remove a registered inner solver.
+
+    Args:
+        name: Registered name.
+
+    Raises:
+        KeyError: If nothing is registered under ``name``.
+
+    Example:
+        >>> inner_solver("tmp_doc_solver")(lambda objective, params, *, steps, lr: params)
+        <function <lambda> at ...>
+        >>> unregister_inner_solver("tmp_doc_solver")
+    """
+    if name not in _REGISTRY:
+        raise KeyError(f"no inner solver named {name!r} is registered")
+    del _REGISTRY[name]
+
+
+def list_inner_solvers() -> list[str]:
+    """Names of all registered inner solvers, sorted.
+
+    Returns:
+        The sorted names.
+
+    Example:
+        >>> {"sgd", "adam", "lbfgs", "newton_cg"} <= set(list_inner_solvers())
+        True
+    """
+    return sorted(_REGISTRY)
+
+
+def get_inner_solver(name: str) -> Callable[..., Params]:
+    """Look up a registered inner solver by name.
+
+    Args:
+        name: Registered name.
+
+    Returns:
+        The solver function.
+
+    Raises:
+        ValueError: If ``name`` is not registered; the message lists what is.
+
+    Example:
+        >>> get_inner_solver("sgd").__name__
+        'sgd'
+    """
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        known = ", ".join(list_inner_solvers()) or "none"
+        raise ValueError(f"unknown inner solver {name!r}; registered solvers: {known}") from None
+
+
+def registered_name(fn: Callable[..., Params]) -> str | None:
+    """The name ``fn`` is registered under, or ``None``.
+
+    Args:
+        fn: A solver function.
+
+    Returns:
+        The first registered name whose function is ``fn``, else ``None``.
+
+    Example:
+        >>> registered_name(get_inner_solver("adam"))
+        'adam'
+    """
+    for name, registered in _REGISTRY.items():
+        if registered is fn:
+            return name
+    return None

@@ -1,0 +1,140 @@
+"""Run any ``torch.optim.Optimizer`` subclass as an inner solver, and the ``"lbfgs"`` solver.
+
+torch.optim optimizers mutate leaf tensors, so the adapter gives them detached copies that
+require grad and drives them with a closure (which LBFGS needs and every optimizer accepts). They
+branch on tensor values on the host, so these solvers are not vmappable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from implicit_meta.functional._tree import Params
+from implicit_meta.solvers.registry import Objective, inner_solver
+
+InnerSolverFn = Callable[..., Params]
+
+
+def _tight_lbfgs_tolerances(params: Params, options: dict[str, Any]) -> dict[str, Any]:
+    # torch.optim.LBFGS's defaults (tolerance_grad=1e-7, tolerance_change=1e-9) stop far from
+    # the optimum of a float64 problem; iMAML's implicit gradient assumes the inner problem is
+    # solved, so stop only near machine precision unless the user said otherwise.
+    eps = max(torch.finfo(v.dtype).eps for v in params.values())
+    merged = dict(options)
+    merged.setdefault("tolerance_grad", 10 * eps)
+    # A loss change below eps happens long before the gradient is small (the change is quadratic
+    # in the gradient), so by default only a zero step stops LBFGS early.
+    merged.setdefault("tolerance_change", 0.0)
+    return merged
+
+
+def torch_optimizer_solver(optimizer_class: type[torch.optim.Optimizer]) -> InnerSolverFn:
+    """Wrap a ``torch.optim.Optimizer`` subclass into an inner solver.
+
+    The solver creates the optimizer over detached copies of the parameters with ``lr=lr`` and
+    the extra options, then calls ``optimizer.step(closure)`` ``steps`` times. For
+    ``torch.optim.LBFGS`` one ``step`` runs up to ``max_iter`` iterations (20 by default), and the
+    adapter's defaults are ``tolerance_grad = 10 * eps`` of the parameters' dtype and
+    ``tolerance_change = 0`` instead of LBFGS's own (1e-7 and 1e-9), which stop long before a float64 problem is solved;
+    options given by the user are passed through unchanged.
+
+    Args:
+        optimizer_class: A ``torch.optim.Optimizer`` subclass, e.g. ``torch.optim.Adam``.
+
+    Returns:
+        An inner solver ``solver(objective, params, *, steps, lr, **options)``.
+
+    Raises:
+        TypeError: If ``optimizer_class`` is not a ``torch.optim.Optimizer`` subclass.
+
+    Example:
+        >>> import torch
+        >>> solve = torch_optimizer_solver(torch.optim.SGD)
+        >>> f = lambda p: 0.5 * ((p["w"] - 3.0) ** 2).sum()
+        >>> solve(f, {"w": torch.zeros(1)}, steps=50, lr=0.5)["w"]
+        tensor([3.0000])
+    """
+    is_class = isinstance(optimizer_class, type)
+    if not (is_class and issubclass(optimizer_class, torch.optim.Optimizer)):
+        raise TypeError(f"expected a torch.optim.Optimizer subclass, got {optimizer_class!r}")
+    # Subclasses take ``lr`` (the base class's signature does not say so).
+    make_optimizer: Callable[..., torch.optim.Optimizer] = optimizer_class
+
+    def solve(
+        objective: Objective, params: Params, *, steps: int, lr: float, **options: Any
+    ) -> Params:
+        leaves = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
+        if issubclass(optimizer_class, torch.optim.LBFGS):
+            options = _tight_lbfgs_tolerances(params, options)
+        optimizer = make_optimizer(list(leaves.values()), lr=lr, **options)
+
+        def closure() -> float:
+            optimizer.zero_grad(set_to_none=False)
+            loss = objective(leaves)
+            gradients = torch.autograd.grad(loss, list(leaves.values()))
+            for leaf, gradient in zip(leaves.values(), gradients, strict=True):
+                leaf.grad = gradient
+            # torch.optim's closures return the loss; LBFGS reads it as a tensor or a float.
+            return loss.detach()  # type: ignore[return-value]
+
+        with torch.enable_grad():
+            for _ in range(steps):
+                optimizer.step(closure)
+        return {k: v.detach() for k, v in leaves.items()}
+
+    solve.__name__ = f"torch_optim_{optimizer_class.__name__}"
+    solve.__qualname__ = solve.__name__
+    return solve
+
+
+@inner_solver("lbfgs")
+def lbfgs(
+    objective: Objective,
+    params: Params,
+    *,
+    steps: int,
+    lr: float,
+    history_size: int = 100,
+    line_search_fn: str | None = "strong_wolfe",
+    tolerance_grad: float | None = None,
+    tolerance_change: float | None = None,
+) -> Params:
+    """L-BFGS with a strong-Wolfe line search (``torch.optim.LBFGS``), ``steps`` iterations.
+
+    Args:
+        objective: Full proximal inner objective.
+        params: Starting point (the meta-parameters).
+        steps: Maximum number of L-BFGS iterations (``max_iter``).
+        lr: Initial step length of each line search; ``1.0`` suits L-BFGS.
+        history_size: Number of curvature pairs kept.
+        line_search_fn: ``"strong_wolfe"`` or ``None`` (fixed step ``lr``).
+        tolerance_grad: Stop when the largest gradient entry is below this; default
+            ``10 * eps`` of the dtype (torch's own 1e-7 stops too early in float64).
+        tolerance_change: Stop when the loss or the step changes less than this; default ``0``
+            (a loss change below ``eps`` comes long before the gradient is small).
+
+    Returns:
+        The parameters after at most ``steps`` iterations.
+
+    Example:
+        >>> import torch
+        >>> f = lambda p: 0.5 * ((p["w"] - 3.0) ** 2).sum()
+        >>> lbfgs(f, {"w": torch.zeros(2, dtype=torch.float64)}, steps=10, lr=1.0)["w"]
+        tensor([3., 3.], dtype=torch.float64)
+    """
+    if steps == 0:
+        return dict(params)
+    options: dict[str, Any] = {
+        "max_iter": steps,
+        "history_size": history_size,
+        "line_search_fn": line_search_fn,
+    }
+    if tolerance_grad is not None:
+        options["tolerance_grad"] = tolerance_grad
+    if tolerance_change is not None:
+        options["tolerance_change"] = tolerance_change
+    solve = torch_optimizer_solver(torch.optim.LBFGS)
+    return solve(objective, params, steps=1, lr=lr, **options)
