@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from implicit_meta._module import LossFn, check_batch, functional_loss, split_state
 from implicit_meta.functional._tree import Params
@@ -18,6 +18,7 @@ from implicit_meta.functional.cg import CGStatus
 from implicit_meta.functional.hvp import resolve_hvp_mode
 from implicit_meta.functional.implicit import (
     TaskGradient,
+    check_solver_output,
     proximal_objective,
     task_meta_gradient,
 )
@@ -258,16 +259,6 @@ class ImplicitMetaOptimizer:
             solver_options=self.inner_options,
         )
 
-    def _check_solver_output(self, phi: Mapping[str, Tensor], theta: Mapping[str, Tensor]) -> None:
-        if not isinstance(phi, Mapping) or set(phi) != set(theta):
-            raise ValueError("the inner solver must return a dict with the same keys as its params")
-        for k, v in theta.items():
-            if phi[k].shape != v.shape:
-                raise ValueError(
-                    f"the inner solver returned shape {tuple(phi[k].shape)} for {k!r}, "
-                    f"expected {tuple(v.shape)}"
-                )
-
     def meta_backward(
         self,
         loss_fn: LossFn,
@@ -310,8 +301,6 @@ class ImplicitMetaOptimizer:
         """
         task = self._solve_task(loss_fn, support, query, outer_loss_fn)
         trainable = self._trainable()
-        theta = {n: p for n, p in trainable}
-        self._check_solver_output(task.phi, theta)
         grad_finite = torch.stack([torch.isfinite(g).all() for g in task.meta_grad.values()]).all()
         # One host sync per task, after all the work, to decide whether it is safe to write.
         flags = torch.stack(
@@ -401,7 +390,7 @@ class ImplicitMetaOptimizer:
         phi = self._solver(
             objective, start, steps=self.inner_steps, lr=self.inner_lr, **self.inner_options
         )
-        self._check_solver_output(phi, theta)
+        check_solver_output(phi, theta)
         value = inner_loss({k: v.detach() for k, v in phi.items()})
         if not bool(torch.isfinite(value)):
             raise ValueError(

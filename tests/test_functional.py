@@ -17,7 +17,7 @@ from implicit_meta.functional import (
 from tests.conftest import dense_hessian, flatten, rel_err, unflatten
 
 
-def _mlp_loss(x: Tensor, y: Tensor):  # noqa: ANN202
+def _mlp_loss(x: Tensor, y: Tensor):
     def loss(p: dict[str, Tensor]) -> Tensor:
         h = torch.tanh(x @ p["w1"].T + p["b1"])
         return torch.nn.functional.cross_entropy(h @ p["w2"].T, y)
@@ -198,7 +198,7 @@ def test_cg_makes_no_host_sync_per_iteration() -> None:
     synced: list[str] = []
     originals = {name: getattr(torch.Tensor, name) for name in ("item", "__bool__", "tolist")}
 
-    def spy(name: str):  # noqa: ANN202
+    def spy(name: str):
         def wrapped(self: Tensor, *args: object, **kwargs: object) -> object:
             synced.append(name)
             return originals[name](self, *args, **kwargs)
@@ -221,8 +221,12 @@ def test_implicit_meta_gradient_is_reg_times_ridge_inverse(device: torch.device)
     inner = lambda p: 0.5 * p["w"] @ a @ p["w"]  # noqa: E731
     g = torch.randn(6, dtype=torch.float64, device=device)
     out = implicit_meta_gradient(
-        inner, {"w": torch.zeros(6, dtype=torch.float64, device=device)}, {"w": g},
-        reg=reg, cg_steps=20, cg_tol=1e-14,
+        inner,
+        {"w": torch.zeros(6, dtype=torch.float64, device=device)},
+        {"w": g},
+        reg=reg,
+        cg_steps=20,
+        cg_tol=1e-14,
     )
     expected = reg * torch.linalg.solve(a + reg * torch.eye(6, dtype=a.dtype, device=device), g)
     assert rel_err(out.solution["w"], expected) < 1e-10

@@ -18,7 +18,9 @@ def half_mse(module: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
     return 0.5 * F.mse_loss(module(x).squeeze(-1), y)
 
 
-def _problem(device: torch.device) -> tuple[nn.Module, tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+def _problem(
+    device: torch.device,
+) -> tuple[nn.Module, tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
     opts = {"dtype": torch.float64, "device": device}
     model = nn.Linear(DIM, 1, bias=False).to(**opts)
     xs, ys = torch.randn(N_SUPPORT, DIM, **opts), torch.randn(N_SUPPORT, **opts)
@@ -26,7 +28,7 @@ def _problem(device: torch.device) -> tuple[nn.Module, tuple[Tensor, Tensor], tu
     return model, (xs, ys), (xq, yq)
 
 
-def closed_form(model: nn.Module, support: tuple[Tensor, Tensor], query: tuple[Tensor, Tensor]):  # noqa: ANN201
+def closed_form(model: nn.Module, support: tuple[Tensor, Tensor], query: tuple[Tensor, Tensor]):
     xs, ys = support
     xq, yq = query
     theta = model.weight.detach().reshape(-1)
@@ -51,8 +53,13 @@ def test_meta_gradient_matches_closed_form(inner: object, device: torch.device) 
     model, support, query = _problem(device)
     phi_star, expected = closed_form(model, support, query)
     meta = im.ImplicitMetaOptimizer(
-        model, torch.optim.SGD(model.parameters(), lr=0.1), reg=REG, inner=inner,
-        cg_steps=20, cg_tol=1e-14, **SOLVERS[inner],
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        reg=REG,
+        inner=inner,
+        cg_steps=20,
+        cg_tol=1e-14,
+        **SOLVERS[inner],
     )
     result = meta.meta_backward(half_mse, support, query)
     # Function-value line searches (L-BFGS) cannot resolve loss changes below eps * loss, which
@@ -69,8 +76,13 @@ def test_sgd_with_few_steps_is_not_the_closed_form() -> None:
     model, support, query = _problem(torch.device("cpu"))
     _, expected = closed_form(model, support, query)
     meta = im.ImplicitMetaOptimizer(
-        model, torch.optim.SGD(model.parameters(), lr=0.1), reg=REG, inner="sgd",
-        inner_steps=2, inner_lr=0.1, cg_steps=20,
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        reg=REG,
+        inner="sgd",
+        inner_steps=2,
+        inner_lr=0.1,
+        cg_steps=20,
     )
     result = meta.meta_backward(half_mse, support, query)
     assert float(result.stationarity) > 1e-3
@@ -81,8 +93,14 @@ def test_gradients_accumulate_like_backward() -> None:
     model, support, query = _problem(torch.device("cpu"))
     _, expected = closed_form(model, support, query)
     meta = im.ImplicitMetaOptimizer(
-        model, torch.optim.SGD(model.parameters(), lr=0.1), reg=REG, inner="newton_cg",
-        inner_steps=6, inner_lr=1.0, cg_steps=20, cg_tol=1e-14,
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        reg=REG,
+        inner="newton_cg",
+        inner_steps=6,
+        inner_lr=1.0,
+        cg_steps=20,
+        cg_tol=1e-14,
     )
     meta.meta_backward(half_mse, support, query)
     meta.meta_backward(half_mse, support, query)

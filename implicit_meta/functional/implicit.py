@@ -111,6 +111,35 @@ def _solve_with_hvp(
     return conjugate_gradient(matvec, outer_grad, max_steps=cg_steps, tol=cg_tol)
 
 
+def check_solver_output(phi: object, theta: Params) -> None:
+    """Raise a clear error unless ``phi`` is a dict shaped like ``theta``.
+
+    Args:
+        phi: What an inner solver returned.
+        theta: The parameters it started from.
+
+    Raises:
+        ValueError: If keys or shapes differ.
+
+    Example:
+        >>> import torch
+        >>> check_solver_output({"w": torch.zeros(2)}, {"w": torch.ones(2)})
+    """
+    if not isinstance(phi, dict) or set(phi) != set(theta):
+        keys = sorted(phi) if isinstance(phi, dict) else type(phi).__name__
+        raise ValueError(
+            "the inner solver must return a dict with the same keys as its params: "
+            f"expected {sorted(theta)}, got {keys}"
+        )
+    for k, v in theta.items():
+        got = phi[k]
+        if not isinstance(got, Tensor) or got.shape != v.shape:
+            shape = tuple(got.shape) if isinstance(got, Tensor) else type(got).__name__
+            raise ValueError(
+                f"the inner solver returned {shape} for {k!r}, expected shape {tuple(v.shape)}"
+            )
+
+
 class TaskGradient(NamedTuple):
     """Meta-gradient and diagnostics of one task, all tensors (no host sync).
 
@@ -185,6 +214,7 @@ def task_meta_gradient(
     objective = proximal_objective(inner_loss, theta, reg)
     start = {k: v.clone() for k, v in theta.items()}
     phi = solver(objective, start, steps=steps, lr=lr, **(solver_options or {}))
+    check_solver_output(phi, theta)
     phi = {k: phi[k].detach() for k in theta}
 
     inner_grad, hvp_fn = make_hvp(inner_loss, phi, mode=hvp_mode)

@@ -59,8 +59,9 @@ def sgd(
     Example:
         >>> import torch
         >>> f = lambda p: 0.5 * ((p["w"] - 3.0) ** 2).sum()
-        >>> sgd(f, {"w": torch.zeros(1)}, steps=50, lr=0.5)["w"]
-        tensor([3.0000])
+        >>> w = sgd(f, {"w": torch.zeros(1)}, steps=50, lr=0.5)["w"]
+        >>> round(float(w), 6)
+        3.0
     """
     optimizer = torchopt.sgd(lr, momentum=momentum, nesterov=nesterov)
     return _run_torchopt(optimizer, objective, params, steps)

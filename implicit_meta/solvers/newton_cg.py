@@ -33,8 +33,9 @@ def newton_cg(
     """Truncated Newton (Newton-CG) with an Armijo backtracking line search.
 
     The CG tolerance, relative to ``||g||``, follows the forcing sequence ``min(0.5, ||g||)``,
-    which gives quadratic convergence near the optimum (inner loops have few steps to spare). Non-positive curvature stops CG
-    (the proximal term makes it rare); if CG then has no descent direction, ``-g`` is used.
+    which gives quadratic convergence near the optimum (inner loops have few steps to spare).
+    Non-positive curvature stops CG (the proximal term makes it rare); if CG then has no descent
+    direction, ``-g`` is used.
 
     Args:
         objective: Full proximal inner objective.

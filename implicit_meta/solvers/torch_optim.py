@@ -38,8 +38,8 @@ def torch_optimizer_solver(optimizer_class: type[torch.optim.Optimizer]) -> Inne
     the extra options, then calls ``optimizer.step(closure)`` ``steps`` times. For
     ``torch.optim.LBFGS`` one ``step`` runs up to ``max_iter`` iterations (20 by default), and the
     adapter's defaults are ``tolerance_grad = 10 * eps`` of the parameters' dtype and
-    ``tolerance_change = 0`` instead of LBFGS's own (1e-7 and 1e-9), which stop long before a float64 problem is solved;
-    options given by the user are passed through unchanged.
+    ``tolerance_change = 0`` instead of LBFGS's own (1e-7 and 1e-9), which stop long before a
+    float64 problem is solved; options given by the user are passed through unchanged.
 
     Args:
         optimizer_class: A ``torch.optim.Optimizer`` subclass, e.g. ``torch.optim.Adam``.
@@ -54,8 +54,9 @@ def torch_optimizer_solver(optimizer_class: type[torch.optim.Optimizer]) -> Inne
         >>> import torch
         >>> solve = torch_optimizer_solver(torch.optim.SGD)
         >>> f = lambda p: 0.5 * ((p["w"] - 3.0) ** 2).sum()
-        >>> solve(f, {"w": torch.zeros(1)}, steps=50, lr=0.5)["w"]
-        tensor([3.0000])
+        >>> w = solve(f, {"w": torch.zeros(1)}, steps=50, lr=0.5)["w"]
+        >>> round(float(w), 6)
+        3.0
     """
     is_class = isinstance(optimizer_class, type)
     if not (is_class and issubclass(optimizer_class, torch.optim.Optimizer)):
