@@ -10,8 +10,10 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 from torch import nn
 
+from implicit_meta._batch import select_task, task_count, task_in_dims
 from implicit_meta._module import LossFn, check_batch, functional_loss, split_state
 from implicit_meta.functional._tree import Params
 from implicit_meta.functional.cg import CGStatus
@@ -98,6 +100,17 @@ def _check_hvp(mode: object) -> str:
         raise TypeError(f"hvp must be a string, got {mode!r}")
     resolve_hvp_mode(mode)  # raises ValueError naming the known modes
     return mode
+
+
+def _result(tasks: TaskGradient) -> MetaBackwardResult:
+    return MetaBackwardResult(
+        outer_loss=tasks.outer_loss,
+        inner_loss=tasks.inner_loss,
+        stationarity=tasks.stationarity,
+        cg_residual=tasks.cg.residual_norm.detach(),
+        cg_iterations=tasks.cg.iterations,
+        cg_status=tasks.cg.status,
+    )
 
 
 class ImplicitMetaOptimizer:
@@ -205,7 +218,7 @@ class ImplicitMetaOptimizer:
         self._solver = solver
         self._inner_name = inner_name
         self._apply_settings(settings)
-        self._warned_curvature = False
+        self._warned: set[str] = set()
 
     def _apply_settings(self, settings: Mapping[str, Any]) -> None:
         self.reg: float = settings["reg"]
@@ -231,33 +244,70 @@ class ImplicitMetaOptimizer:
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
         check_batch(support, "support")
         check_batch(query, "query")
-        if not self._trainable():
-            raise ValueError("the model has no trainable parameters (none has requires_grad=True)")
-        theta, frozen, buffers = split_state(self.model)
-        inner_loss = functional_loss(self.model, loss_fn, support, frozen, buffers, "loss_fn")
-        outer_loss = functional_loss(
-            self.model,
-            outer_loss_fn or loss_fn,
-            query,
-            frozen,
-            buffers,
-            "outer_loss_fn" if outer_loss_fn is not None else "loss_fn",
-        )
-        # Validate the loss at theta first, so a wrong loss fails before any solver work.
-        inner_loss(theta)
-        return task_meta_gradient(
-            inner_loss,
-            outer_loss,
-            theta,
-            self._solver,
-            reg=self.reg,
-            steps=self.inner_steps,
-            lr=self.inner_lr,
-            cg_steps=self.cg_steps,
-            cg_tol=self.cg_tol,
-            hvp_mode=self.hvp,
-            solver_options=self.inner_options,
-        )
+        theta, _, buffers = self._split_checked()
+        self._precheck(loss_fn, outer_loss_fn, support, query)
+        return self._task_function(loss_fn, outer_loss_fn)(support, query, buffers, theta)
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key in self._warned:
+            return
+        self._warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+    def _check_and_accumulate(
+        self, meta_grad: Params, tasks: TaskGradient, *, batched: bool
+    ) -> None:
+        """Check losses and gradients for NaN/inf (one host sync), then add into ``p.grad``."""
+        grad_finite = torch.stack([torch.isfinite(g).all() for g in meta_grad.values()]).all()
+        inner_ok = torch.isfinite(tasks.inner_loss).reshape(-1)
+        outer_ok = torch.isfinite(tasks.outer_loss).reshape(-1)
+        status = tasks.cg.status.reshape(-1).to(torch.int64)
+        flags = torch.cat(
+            [
+                grad_finite.reshape(1).to(torch.int64),
+                inner_ok.to(torch.int64),
+                outer_ok.to(torch.int64),
+                status,
+            ]
+        ).tolist()
+        count = len(status)
+        grad_ok = bool(flags[0])
+        inner_flags, outer_flags = flags[1 : 1 + count], flags[1 + count : 1 + 2 * count]
+        statuses = flags[1 + 2 * count :]
+
+        def which(bad: list[int]) -> str:
+            return f" in tasks {bad}" if batched else ""
+
+        bad_inner = [t for t, ok in enumerate(inner_flags) if not ok]
+        if bad_inner:
+            raise ValueError(
+                f"the inner loss is not finite at the adapted parameters{which(bad_inner)}; the "
+                "inner solver diverged or loss_fn produced NaN/inf on the support batch "
+                "(try a smaller inner_lr)"
+            )
+        bad_outer = [t for t, ok in enumerate(outer_flags) if not ok]
+        if bad_outer:
+            raise ValueError(f"the outer loss is not finite on the query batch{which(bad_outer)}")
+        bad_grad = [t for t, st in enumerate(statuses) if st == CGStatus.NONFINITE]
+        if not grad_ok or bad_grad:
+            raise ValueError(
+                f"the meta-gradient is not finite{which(bad_grad)}: a Hessian-vector product "
+                "produced NaN/inf"
+            )
+        if CGStatus.NONPOSITIVE_CURVATURE in statuses:
+            self._warn_once(
+                "curvature",
+                f"I + H/reg is not positive definite at the adapted parameters (reg={self.reg}); "
+                "CG stopped at the last good iterate. This warning is shown once per optimizer; "
+                "the result's cg_status marks each affected task (a larger reg helps)",
+            )
+        with torch.no_grad():
+            for name, param in self._trainable():
+                grad = meta_grad[name].to(dtype=param.dtype, device=param.device)
+                if param.grad is None:
+                    param.grad = grad.clone()
+                else:
+                    param.grad.add_(grad)
 
     def meta_backward(
         self,
@@ -300,56 +350,178 @@ class ImplicitMetaOptimizer:
             True
         """
         task = self._solve_task(loss_fn, support, query, outer_loss_fn)
-        trainable = self._trainable()
-        grad_finite = torch.stack([torch.isfinite(g).all() for g in task.meta_grad.values()]).all()
-        # One host sync per task, after all the work, to decide whether it is safe to write.
-        flags = torch.stack(
-            [
-                torch.isfinite(task.inner_loss).to(torch.int64),
-                torch.isfinite(task.outer_loss).to(torch.int64),
-                grad_finite.to(torch.int64),
-                task.cg.status.to(torch.int64),
-            ]
-        ).tolist()
-        inner_ok, outer_ok, grad_ok, status = flags
-        if not inner_ok:
-            raise ValueError(
-                f"the inner loss is not finite ({float(task.inner_loss)}) at the adapted "
-                "parameters; the inner solver diverged or loss_fn produced NaN/inf on the support "
-                "batch (try a smaller inner_lr)"
+        self._check_and_accumulate(task.meta_grad, task, batched=False)
+        return _result(task)
+
+    def meta_backward_batch(
+        self,
+        loss_fn: LossFn,
+        support: Any,
+        query: Any,
+        *,
+        reduction: str = "mean",
+        outer_loss_fn: LossFn | None = None,
+        strategy: str = "auto",
+    ) -> MetaBackwardResult:
+        """Meta-gradients of a batch of tasks, vectorised with ``torch.func.vmap`` where it pays.
+
+        ``support`` and ``query`` hold tensors with a leading task dimension ``T`` (for example
+        ``xs`` of shape ``[T, N*K, C, H, W]`` and ``ys`` of shape ``[T, N*K]``); task ``t`` is
+        what ``meta_backward`` would get as ``(xs[t], ys[t])``. With ``reduction="sum"`` the
+        accumulated ``.grad`` equals calling :meth:`meta_backward` on every task in turn;
+        ``"mean"`` divides it by ``T``.
+
+        Strategies: ``"vmap"`` runs the inner solve, the outer gradient and CG vectorised over
+        tasks (per-task CG stopping is handled with masks, no host syncs); ``"loop"`` runs the
+        tasks one after the other. ``"auto"`` picks ``"vmap"`` on CUDA, where one kernel per
+        operation for all tasks keeps the GPU busy, and ``"loop"`` on the CPU, where convolutions
+        are already compute-bound per task and vmap only adds overhead (see
+        ``benchmarks/batched.py``). Solvers that cannot be vmapped (``"lbfgs"``, torch.optim
+        adapters) and models whose operators vmap rejects fall back to the loop with a one-time
+        warning that says why; the results are the same.
+
+        BatchNorm under vmap uses per-task batch statistics; every task gets its own copy of the
+        buffers, and nothing is written into the model.
+
+        Args:
+            loss_fn: ``loss_fn(module, batch) -> scalar tensor`` for a single task's batch.
+            support: Support batches of all tasks, tensors shaped ``[T, ...]``.
+            query: Query batches of all tasks, tensors shaped ``[T, ...]``.
+            reduction: ``"mean"`` or ``"sum"`` over tasks for the accumulated gradient.
+            outer_loss_fn: Loss on the query batches, if it differs from ``loss_fn``.
+            strategy: ``"auto"``, ``"vmap"`` or ``"loop"``.
+
+        Returns:
+            Per-task diagnostics: every field of :class:`MetaBackwardResult` has shape ``[T]``.
+
+        Raises:
+            ValueError: For an unknown reduction or strategy, batches without a consistent task
+                dimension, an empty task, a non-scalar loss, or a non-finite loss or
+                meta-gradient in any task (the message names the tasks); nothing is written then.
+
+        Example:
+            >>> import torch, torch.nn.functional as F
+            >>> import implicit_meta as im
+            >>> model = torch.nn.Linear(3, 2)
+            >>> meta = im.ImplicitMetaOptimizer(model, torch.optim.SGD(model.parameters(), 0.1))
+            >>> xs, ys = torch.randn(4, 6, 3), torch.randint(0, 2, (4, 6))
+            >>> ce = lambda m, b: F.cross_entropy(m(b[0]), b[1])
+            >>> result = meta.meta_backward_batch(ce, (xs, ys), (xs, ys), strategy="vmap")
+            >>> result.outer_loss.shape
+            torch.Size([4])
+        """
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        if strategy not in ("auto", "vmap", "loop"):
+            raise ValueError(f"strategy must be 'auto', 'vmap' or 'loop', got {strategy!r}")
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+        count = task_count(support, query)
+        first_support, first_query = select_task(support, 0), select_task(query, 0)
+        check_batch(first_support, "support")
+        check_batch(first_query, "query")
+        theta, _, _ = self._split_checked()
+        self._precheck(loss_fn, outer_loss_fn, first_support, first_query)
+        if strategy == "auto":
+            strategy = "vmap" if next(iter(theta.values())).device.type == "cuda" else "loop"
+        tasks: TaskGradient | None = None
+        if strategy == "vmap":
+            reason = getattr(self._solver, "vmap_unsupported", None)
+            if reason is None:
+                try:
+                    tasks = self._solve_tasks_vmap(loss_fn, support, query, outer_loss_fn, count)
+                except (RuntimeError, NotImplementedError) as error:
+                    reason = f"{type(error).__name__}: {str(error).splitlines()[0]}"
+            if tasks is None:
+                self._warn_once(
+                    "vmap",
+                    f"meta_backward_batch falls back to a loop over tasks ({reason})",
+                )
+        if tasks is None:
+            tasks = self._solve_tasks_loop(loss_fn, support, query, outer_loss_fn, count)
+        scale = 1.0 / count if reduction == "mean" else 1.0
+        total = {k: v.sum(dim=0) * scale for k, v in tasks.meta_grad.items()}
+        self._check_and_accumulate(total, tasks, batched=True)
+        return _result(tasks)
+
+    def _split_checked(self) -> tuple[Params, Params, Params]:
+        theta, frozen, buffers = split_state(self.model)
+        if not theta:
+            raise ValueError("the model has no trainable parameters (none has requires_grad=True)")
+        return theta, frozen, buffers
+
+    def _task_function(
+        self, loss_fn: LossFn, outer_loss_fn: LossFn | None
+    ) -> Callable[[Any, Any, Params, Params], TaskGradient]:
+        _, frozen, _ = self._split_checked()
+        outer_name = "outer_loss_fn" if outer_loss_fn is not None else "loss_fn"
+
+        def one_task(support: Any, query: Any, buffers: Params, theta: Params) -> TaskGradient:
+            inner_loss = functional_loss(self.model, loss_fn, support, frozen, buffers, "loss_fn")
+            outer_loss = functional_loss(
+                self.model, outer_loss_fn or loss_fn, query, frozen, buffers, outer_name
             )
-        if not outer_ok:
-            raise ValueError(
-                f"the outer loss is not finite ({float(task.outer_loss)}) on the query batch"
+            return task_meta_gradient(
+                inner_loss,
+                outer_loss,
+                theta,
+                self._solver,
+                reg=self.reg,
+                steps=self.inner_steps,
+                lr=self.inner_lr,
+                cg_steps=self.cg_steps,
+                cg_tol=self.cg_tol,
+                hvp_mode=self.hvp,
+                solver_options=self.inner_options,
             )
-        if not grad_ok or status == CGStatus.NONFINITE:
-            raise ValueError(
-                "the meta-gradient is not finite: a Hessian-vector product produced NaN/inf"
-            )
-        if status == CGStatus.NONPOSITIVE_CURVATURE and not self._warned_curvature:
-            self._warned_curvature = True
-            warnings.warn(
-                f"I + H/reg is not positive definite at the adapted parameters (reg={self.reg}); "
-                "CG stopped at the last good iterate. This warning is shown once per optimizer; "
-                "the result's cg_status marks each affected task (a larger reg helps)",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-        with torch.no_grad():
-            for name, param in trainable:
-                grad = task.meta_grad[name].to(dtype=param.dtype, device=param.device)
-                if param.grad is None:
-                    param.grad = grad.clone()
-                else:
-                    param.grad.add_(grad)
-        return MetaBackwardResult(
-            outer_loss=task.outer_loss,
-            inner_loss=task.inner_loss,
-            stationarity=task.stationarity,
-            cg_residual=task.cg.residual_norm.detach(),
-            cg_iterations=task.cg.iterations,
-            cg_status=task.cg.status,
+
+        return one_task
+
+    def _solve_tasks_vmap(
+        self, loss_fn: LossFn, support: Any, query: Any, outer_loss_fn: LossFn | None, count: int
+    ) -> TaskGradient:
+        theta, _, buffers = self._split_checked()
+        # One copy of theta and of the buffers per task. Buffers: BatchNorm's in-place
+        # running-statistics update then happens on batched tensors, which vmap allows, and is
+        # thrown away with them. Theta: solvers whose state starts as zeros_like(params) and is
+        # updated in place (torchopt's Adam moments) need a batched start.
+        task_theta = {k: v.unsqueeze(0).expand(count, *v.shape).clone() for k, v in theta.items()}
+        task_buffers = {
+            k: v.unsqueeze(0).expand(count, *v.shape).clone() for k, v in buffers.items()
+        }
+        # hvp="auto" switches to forward-over-reverse under vmap (see functional.make_hvp).
+        one_task = self._task_function(loss_fn, outer_loss_fn)
+        batched = torch.func.vmap(
+            one_task,
+            in_dims=(task_in_dims(support), task_in_dims(query), 0, 0),
+            randomness="error",
         )
+        result: TaskGradient = batched(support, query, task_buffers, task_theta)
+        return result
+
+    def _solve_tasks_loop(
+        self, loss_fn: LossFn, support: Any, query: Any, outer_loss_fn: LossFn | None, count: int
+    ) -> TaskGradient:
+        theta, _, buffers = self._split_checked()
+        one_task = self._task_function(loss_fn, outer_loss_fn)
+        tasks = [
+            one_task(select_task(support, t), select_task(query, t), buffers, theta)
+            for t in range(count)
+        ]
+        stacked: TaskGradient = pytree.tree_map(lambda *xs: torch.stack(xs), *tasks)
+        return stacked
+
+    def _precheck(
+        self, loss_fn: LossFn, outer_loss_fn: LossFn | None, support: Any, query: Any
+    ) -> None:
+        # Evaluate both losses at theta outside any transform, so that a wrong loss (not a
+        # scalar, not a tensor) fails with its own message rather than deep inside a solver.
+        theta, frozen, buffers = self._split_checked()
+        functional_loss(self.model, loss_fn, support, frozen, buffers, "loss_fn")(theta)
+        if outer_loss_fn is not None:
+            functional_loss(self.model, outer_loss_fn, query, frozen, buffers, "outer_loss_fn")(
+                theta
+            )
 
     def adapt(self, loss_fn: LossFn, support: Any) -> nn.Module:
         """A copy of the model at the parameters adapted to ``support``, for evaluation.

@@ -68,8 +68,18 @@ def _reverse_over_reverse(fn: ScalarFn, params: Params) -> tuple[Params, HVPFn]:
     return dict(gradient), hvp_fn
 
 
+def _under_vmap(params: Params) -> bool:
+    # Inside torch.func.vmap the inputs are BatchedTensor wrappers. Reverse-over-reverse fails
+    # there for some operators (BatchNorm's double backward reads `.data`), while
+    # forward-over-reverse composes with vmap, so "auto" switches to it.
+    return any(torch._C._functorch.is_batchedtensor(v) for v in params.values())
+
+
 def make_hvp(fn: ScalarFn, params: Params, *, mode: str = "auto") -> tuple[Params, HVPFn]:
     """Gradient of ``fn`` at ``params`` and a function computing Hessian-vector products there.
+
+    ``"auto"`` is reverse-over-reverse, except inside ``torch.func.vmap``, where it is
+    forward-over-reverse (some double-backward rules do not compose with vmap).
 
     Args:
         fn: Scalar function of a parameter dict, twice differentiable.
@@ -90,6 +100,8 @@ def make_hvp(fn: ScalarFn, params: Params, *, mode: str = "auto") -> tuple[Param
         tensor([ 6., 12.])
     """
     concrete = resolve_hvp_mode(mode)
+    if mode == "auto" and _under_vmap(params):
+        concrete = "forward_over_reverse"
     if concrete == "reverse_over_reverse":
         return _reverse_over_reverse(fn, params)
 

@@ -88,6 +88,10 @@ def torch_optimizer_solver(optimizer_class: type[torch.optim.Optimizer]) -> Inne
 
     solve.__name__ = f"torch_optim_{optimizer_class.__name__}"
     solve.__qualname__ = solve.__name__
+    # Read by ImplicitMetaOptimizer.meta_backward_batch to fall back to a loop up front.
+    solve.vmap_unsupported = (  # type: ignore[attr-defined]
+        f"torch.optim.{optimizer_class.__name__} mutates tensors and syncs with the host"
+    )
     return solve
 
 
@@ -139,3 +143,8 @@ def lbfgs(
         options["tolerance_change"] = tolerance_change
     solve = torch_optimizer_solver(torch.optim.LBFGS)
     return solve(objective, params, steps=1, lr=lr, **options)
+
+
+lbfgs.vmap_unsupported = (  # type: ignore[attr-defined]
+    "lbfgs runs torch.optim.LBFGS, whose line search branches on values on the host"
+)
