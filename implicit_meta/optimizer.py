@@ -245,7 +245,8 @@ class ImplicitMetaOptimizer:
         check_batch(support, "support")
         check_batch(query, "query")
         theta, _, buffers = self._split_checked()
-        self._precheck(loss_fn, outer_loss_fn, support, query)
+        # No separate check pass: the losses validate themselves (scalar, floating point) on
+        # their first evaluation inside the solver, with the same messages.
         return self._task_function(loss_fn, outer_loss_fn)(support, query, buffers, theta)
 
     def _warn_once(self, key: str, message: str) -> None:

@@ -7,7 +7,14 @@ it composes with ``torch.func.vmap``.
 
 from implicit_meta.functional._tree import Params
 from implicit_meta.functional.cg import CGResult, CGStatus, conjugate_gradient
-from implicit_meta.functional.hvp import HVP_MODES, HVPMode, hvp, make_hvp, resolve_hvp_mode
+from implicit_meta.functional.hvp import (
+    HVP_MODES,
+    HVPMode,
+    hvp,
+    make_hvp,
+    resolve_hvp_mode,
+    value_grad_and_hvp,
+)
 from implicit_meta.functional.implicit import (
     TaskGradient,
     implicit_meta_gradient,
@@ -29,4 +36,5 @@ __all__ = [
     "proximal_objective",
     "resolve_hvp_mode",
     "task_meta_gradient",
+    "value_grad_and_hvp",
 ]

@@ -57,15 +57,24 @@ def resolve_hvp_mode(mode: str) -> str:
     return "reverse_over_reverse" if mode == "auto" else mode
 
 
-def _reverse_over_reverse(fn: ScalarFn, params: Params) -> tuple[Params, HVPFn]:
-    gradient, vjp_fn = torch.func.vjp(torch.func.grad(fn), params)  # type: ignore[misc]
+def _with_value(fn: ScalarFn) -> Callable[[Params], tuple[Tensor, Tensor]]:
+    def fn_and_value(params: Params) -> tuple[Tensor, Tensor]:
+        value = fn(params)
+        return value, value.detach()
+
+    return fn_and_value
+
+
+def _reverse_over_reverse(fn: ScalarFn, params: Params) -> tuple[Tensor, Params, HVPFn]:
+    grad_fn = torch.func.grad(_with_value(fn), has_aux=True)
+    gradient, vjp_fn, value = torch.func.vjp(grad_fn, params, has_aux=True)  # type: ignore[misc]
 
     def hvp_fn(vector: Params) -> Params:
         # The Hessian is symmetric, so the VJP of the gradient is the HVP.
         (product,) = vjp_fn(vector)
         return dict(product)
 
-    return dict(gradient), hvp_fn
+    return value, dict(gradient), hvp_fn
 
 
 def _under_vmap(params: Params) -> bool:
@@ -99,13 +108,45 @@ def make_hvp(fn: ScalarFn, params: Params, *, mode: str = "auto") -> tuple[Param
         >>> hvp_fn({"w": torch.tensor([1.0, 1.0])})["w"]
         tensor([ 6., 12.])
     """
+    _, gradient, hvp_fn = value_grad_and_hvp(fn, params, mode=mode)
+    return gradient, hvp_fn
+
+
+def value_grad_and_hvp(
+    fn: ScalarFn, params: Params, *, mode: str = "auto"
+) -> tuple[Tensor, Params, HVPFn]:
+    """Value and gradient of ``fn`` at ``params``, and Hessian-vector products there.
+
+    Like :func:`make_hvp`, and the value comes out of the same forward pass, so callers that
+    also need ``fn(params)`` save one evaluation.
+
+    Args:
+        fn: Scalar function of a parameter dict, twice differentiable.
+        params: Point at which the gradient and the Hessian are taken.
+        mode: ``"auto"``, ``"reverse_over_reverse"`` or ``"forward_over_reverse"``.
+
+    Returns:
+        ``(value, gradient, hvp_fn)``; the value is detached.
+
+    Raises:
+        ValueError: If ``mode`` is unknown.
+
+    Example:
+        >>> import torch
+        >>> value, g, hvp_fn = value_grad_and_hvp(lambda p: (p["w"] ** 2).sum(),
+        ...                                       {"w": torch.tensor([1.0, 2.0])})
+        >>> value, g["w"]
+        (tensor(5.), tensor([2., 4.]))
+    """
     concrete = resolve_hvp_mode(mode)
     if mode == "auto" and _under_vmap(params):
         concrete = "forward_over_reverse"
     if concrete == "reverse_over_reverse":
         return _reverse_over_reverse(fn, params)
 
-    gradient = dict(torch.func.grad(fn)(params))
+    gradient, value = torch.func.grad_and_value(fn)(params)
+    gradient = dict(gradient)
+    value = value.detach()
     fallback: list[HVPFn] = []
 
     def hvp_fn(vector: Params) -> Params:
@@ -125,11 +166,11 @@ def make_hvp(fn: ScalarFn, params: Params, *, mode: str = "auto") -> tuple[Param
                 RuntimeWarning,
                 stacklevel=2,
             )
-            fallback.append(_reverse_over_reverse(fn, params)[1])
+            fallback.append(_reverse_over_reverse(fn, params)[2])
             return fallback[0](vector)
         return dict(product)
 
-    return gradient, hvp_fn
+    return value, gradient, hvp_fn
 
 
 def hvp(fn: ScalarFn, params: Params, vector: Params, *, mode: str = "auto") -> Params:

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from implicit_meta.functional._tree import Params, tree_axpy, tree_norm, tree_sub
 from implicit_meta.functional.cg import CGResult, conjugate_gradient
-from implicit_meta.functional.hvp import ScalarFn, make_hvp
+from implicit_meta.functional.hvp import ScalarFn, make_hvp, value_grad_and_hvp
 
 InnerSolverFn = Callable[..., Params]
 
@@ -217,9 +217,8 @@ def task_meta_gradient(
     check_solver_output(phi, theta)
     phi = {k: phi[k].detach() for k in theta}
 
-    inner_grad, hvp_fn = make_hvp(inner_loss, phi, mode=hvp_mode)
+    inner_value, inner_grad, hvp_fn = value_grad_and_hvp(inner_loss, phi, mode=hvp_mode)
     outer_grad, outer_value = torch.func.grad_and_value(outer_loss)(phi)
-    inner_value = inner_loss(phi).detach()
     residual = tree_axpy(reg, tree_sub(phi, theta), inner_grad)
     cg = _solve_with_hvp(hvp_fn, dict(outer_grad), reg=reg, cg_steps=cg_steps, cg_tol=cg_tol)
     return TaskGradient(
