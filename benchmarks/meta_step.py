@@ -1,0 +1,218 @@
+"""Time one meta-step and its peak memory for K inner steps, against the peers, side by side.
+
+    python benchmarks/meta_step.py [--device cpu|cuda] [--tasks T] [--steps 5 25 100]
+                                   [--methods ...] [--repeats R] [--out benchmarks/results]
+
+Every (method, K) runs in a fresh subprocess, so peak memory is its own: peak RSS growth over the
+process's resident size before the first meta-step on CPU (glibc set to return freed blocks at
+once, so RSS follows live memory), ``torch.cuda.max_memory_allocated`` on CUDA. Prints one JSON
+object per line and writes ``meta_step_<device>.json`` and ``meta_step_<device>.png``.
+
+Methods:
+    loop      this project, meta_backward_batch(strategy="loop") (one task after another)
+    batched   this project, meta_backward_batch(strategy="vmap")
+    torchopt  torchopt.diff.implicit.custom_root + solve_cg(maxiter=5), tasks in a loop
+    maml      unrolled MAML with torch.func (differentiates through the K inner steps)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+METHODS = ("loop", "batched", "torchopt", "maml")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_one(method: str, steps: int, tasks: int, device_name: str, repeats: int) -> dict[str, object]:
+    import torch
+
+    import implicit_meta as im
+    from benchmarks import _setting as S
+
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    device = torch.device(device_name)
+    model = S.make_model(device)
+    support, query = S.make_tasks(tasks, device)
+    outer = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    if method in ("loop", "batched"):
+        meta = im.ImplicitMetaOptimizer(model, outer, reg=S.REG, inner="sgd", inner_steps=steps,
+                                        inner_lr=S.INNER_LR, cg_steps=S.CG_STEPS)
+        strategy = "loop" if method == "loop" else "vmap"
+
+        def meta_step() -> None:
+            meta.zero_grad()
+            meta.meta_backward_batch(S.cross_entropy, support, query, strategy=strategy)
+            meta.step()
+    elif method == "torchopt":
+        meta_step = _torchopt_step(model, outer, support, query, steps, tasks)
+    elif method == "maml":
+        meta_step = _maml_step(model, outer, support, query, steps, tasks)
+    else:
+        raise ValueError(method)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    start_rss = S.rss_mib()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        start_cuda = torch.cuda.memory_allocated()
+    meta_step()  # warm-up (lazy initialisation, allocator pools)
+    sync()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        meta_step()
+        sync()
+        times.append(time.perf_counter() - t0)
+    if device.type == "cuda":
+        peak = (torch.cuda.max_memory_allocated() - start_cuda) / 2**20
+    else:
+        peak = S.peak_rss_mib() - start_rss
+    return {
+        "method": method, "inner_steps": steps, "tasks": tasks, "device": device_name,
+        "seconds": statistics.median(times), "seconds_all": times, "peak_mib": round(peak, 1),
+        "torch": torch.__version__,
+    }
+
+
+def _torchopt_step(model, outer, support, query, steps, tasks):  # noqa: ANN001, ANN202
+    import torch
+    import torchopt
+
+    from benchmarks import _setting as S
+
+    names = [k for k, _ in model.named_parameters()]
+
+    def task_loss(t: int, which: str):  # noqa: ANN202
+        batch = support if which == "support" else query
+        return S.functional_loss(model, (batch[0][t], batch[1][t]))
+
+    def meta_step() -> None:
+        outer.zero_grad()
+        for t in range(tasks):
+            inner = task_loss(t, "support")
+
+            def objective(phi, theta):  # noqa: ANN001, ANN202
+                params = dict(zip(names, phi, strict=True))
+                distance = sum(((p - q) ** 2).sum() for p, q in zip(phi, theta, strict=True))
+                return inner(params) + 0.5 * S.REG * distance
+
+            @torchopt.diff.implicit.custom_root(
+                torch.func.grad(objective, argnums=0), argnums=1,
+                solve=torchopt.linear_solve.solve_cg(maxiter=S.CG_STEPS),
+            )
+            def solve(phi, theta):  # noqa: ANN001, ANN202
+                phi = tuple(p.detach() for p in phi)
+                theta_d = tuple(p.detach() for p in theta)
+                grad_fn = torch.func.grad(objective, argnums=0)
+                for _ in range(steps):
+                    grads = grad_fn(phi, theta_d)
+                    phi = tuple(p - S.INNER_LR * g for p, g in zip(phi, grads, strict=True))
+                return phi
+
+            theta = tuple(model.parameters())
+            phi = solve(tuple(p.detach().clone() for p in theta), theta)
+            outer_loss = task_loss(t, "query")(dict(zip(names, phi, strict=True)))
+            (outer_loss / tasks).backward()
+        outer.step()
+
+    return meta_step
+
+
+def _maml_step(model, outer, support, query, steps, tasks):  # noqa: ANN001, ANN202
+    import torch
+
+    from benchmarks import _setting as S
+
+    def meta_step() -> None:
+        outer.zero_grad()
+        for t in range(tasks):
+            inner = S.functional_loss(model, (support[0][t], support[1][t]))
+            params = dict(model.named_parameters())
+            for _ in range(steps):
+                loss = inner(params)
+                grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
+                params = {k: v - S.INNER_LR * g for (k, v), g in zip(params.items(), grads, strict=True)}
+            outer_loss = S.functional_loss(model, (query[0][t], query[1][t]))(params)
+            (outer_loss / tasks).backward()
+        outer.step()
+
+    return meta_step
+
+
+def plot(results: list[dict[str, object]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(10, 4))
+    for method in METHODS:
+        rows = sorted((r for r in results if r["method"] == method and "seconds" in r),
+                      key=lambda r: r["inner_steps"])  # type: ignore[arg-type,return-value]
+        if not rows:
+            continue
+        ks = [r["inner_steps"] for r in rows]
+        ax_t.plot(ks, [r["seconds"] for r in rows], marker="o", label=method)
+        ax_m.plot(ks, [r["peak_mib"] for r in rows], marker="o", label=method)
+    for ax, label in ((ax_t, "seconds per meta-step"), (ax_m, "peak memory (MiB)")):
+        ax.set_xlabel("inner steps K")
+        ax.set_ylabel(label)
+        ax.set_xscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    device = results[0]["device"] if results else "?"
+    fig.suptitle(f"one meta-step, 20-way 1-shot Conv4, {results[0]['tasks']} tasks, {device}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--tasks", type=int, default=None, help="default: 4 on CPU, 16 on CUDA")
+    parser.add_argument("--steps", type=int, nargs="+", default=[5, 25, 100])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--child", nargs=2, metavar=("METHOD", "K"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    tasks = args.tasks or (16 if args.device.startswith("cuda") else 4)
+    if args.child:
+        print(json.dumps(run_one(args.child[0], int(args.child[1]), tasks, args.device, args.repeats)))
+        return
+
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0",
+               PYTHONPATH=str(ROOT))
+    results: list[dict[str, object]] = []
+    for steps in args.steps:
+        for method in args.methods:
+            cmd = [sys.executable, __file__, "--device", args.device, "--tasks", str(tasks),
+                   "--repeats", str(args.repeats), "--child", method, str(steps)]
+            done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+            if done.returncode != 0:
+                row: dict[str, object] = {"method": method, "inner_steps": steps, "tasks": tasks,
+                                          "device": args.device,
+                                          "error": (done.stderr.strip().splitlines() or ["?"])[-1]}
+            else:
+                row = json.loads(done.stdout.strip().splitlines()[-1])
+            print(json.dumps(row), flush=True)
+            results.append(row)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"meta_step_{args.device.split(':')[0]}"
+    (args.out / f"{stem}.json").write_text(json.dumps(results, indent=1))
+    plot(results, args.out / f"{stem}.png")
+
+
+if __name__ == "__main__":
+    main()
