@@ -26,7 +26,9 @@ def make_model(device: torch.device) -> nn.Module:
     return Conv4(in_channels=1, num_classes=WAYS, image_size=IMAGE).to(device)
 
 
-def make_tasks(tasks: int, device: torch.device) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+def make_tasks(
+    tasks: int, device: torch.device
+) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
     g = torch.Generator().manual_seed(1)
     xs = torch.rand(tasks, WAYS * SHOTS, 1, IMAGE, IMAGE, generator=g)
     xq = torch.rand(tasks, WAYS * QUERIES, 1, IMAGE, IMAGE, generator=g)
@@ -40,7 +42,9 @@ def cross_entropy(module: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
     return F.cross_entropy(module(x), y)
 
 
-def functional_loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Callable[[dict[str, Tensor]], Tensor]:
+def functional_loss(
+    model: nn.Module, batch: tuple[Tensor, Tensor]
+) -> Callable[[dict[str, Tensor]], Tensor]:
     """L(params) on a batch, buffers cloned inside (the peers get the same BatchNorm policy)."""
     buffers = {k: v.detach() for k, v in model.named_buffers()}
 

@@ -15,6 +15,12 @@ one JSON object per line and writes ``cg_accuracy_<device>.json``.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+# Run as `python benchmarks/<script>.py` from anywhere: make the repository importable.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 import argparse
 import json
 from pathlib import Path
@@ -46,8 +52,9 @@ def main() -> None:
     device = torch.device(args.device)
 
     splits = load_omniglot(protocol="lake", rotations=False)
-    sampler = EpisodeSampler(splits.train, S.WAYS, S.SHOTS, S.QUERIES, seed=0, device=device,
-                             dtype=torch.float64)
+    sampler = EpisodeSampler(
+        splits.train, S.WAYS, S.SHOTS, S.QUERIES, seed=0, device=device, dtype=torch.float64
+    )
     episode = sampler.sample(1)
     model = S.make_model(device).double()
     support = (episode.xs[0], episode.ys[0])
@@ -64,8 +71,9 @@ def main() -> None:
 
     # Reference: CG on the normal equations (A symmetric, so A^T A = A A), many iterations.
     ab = matvec(b)
-    reference = conjugate_gradient(lambda v: matvec(matvec(v)), ab,
-                                   max_steps=args.reference_steps, tol=1e-14).solution
+    reference = conjugate_gradient(
+        lambda v: matvec(matvec(v)), ab, max_steps=args.reference_steps, tol=1e-14
+    ).solution
     ref_residual = float(tree_norm(tree_sub(matvec(reference), b)) / tree_norm(b))
     print(json.dumps({"reference_relative_residual": ref_residual}), flush=True)
     ref = flat(reference)
@@ -88,20 +96,33 @@ def main() -> None:
             "cg_steps": steps,
             "ours": rel(ours.solution),
             "ours_status": CGStatus(int(ours.status)).name,
-            "torchopt_solve_cg": rel(dict(zip(names, torchopt.linear_solve.solve_cg(
-                maxiter=steps, rtol=0.0)(tuple_matvec, b_tuple), strict=True))),
+            "torchopt_solve_cg": rel(
+                dict(
+                    zip(
+                        names,
+                        torchopt.linear_solve.solve_cg(maxiter=steps, rtol=0.0)(
+                            tuple_matvec, b_tuple
+                        ),
+                        strict=True,
+                    )
+                )
+            ),
         }
         try:
             normal = torchopt.linear_solve.solve_normal_cg(maxiter=steps, rtol=0.0)(
-                tuple_matvec, b_tuple)
+                tuple_matvec, b_tuple
+            )
             row["torchopt_solve_normal_cg"] = rel(dict(zip(names, normal, strict=True)))
-        except Exception as error:  # noqa: BLE001 - report the peer's failure, keep going
+        except Exception as error:
             row["torchopt_solve_normal_cg"] = f"error: {type(error).__name__}: {error}"[:200]
         print(json.dumps(row), flush=True)
         rows.append(row)
     args.out.mkdir(parents=True, exist_ok=True)
-    result = {"reference_relative_residual": ref_residual, "rows": rows,
-              "setting": "20-way 1-shot Omniglot (lake background), Conv4-64 float64, 25 SGD steps"}
+    result = {
+        "reference_relative_residual": ref_residual,
+        "rows": rows,
+        "setting": "20-way 1-shot Omniglot (lake background), Conv4-64 float64, 25 SGD steps",
+    }
     (args.out / f"cg_accuracy_{device.type}.json").write_text(json.dumps(result, indent=1))
 
 

@@ -11,6 +11,12 @@ what ``hvp="auto"`` should pick on that device.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+# Run as `python benchmarks/<script>.py` from anywhere: make the repository importable.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 import argparse
 import json
 import statistics
@@ -56,8 +62,12 @@ def main() -> None:
 
     for label, fn in (("single task", single), ("vmap over 4 tasks", batched)):
         for mode in ("reverse_over_reverse", "forward_over_reverse"):
-            row: dict[str, object] = {"case": label, "mode": mode, "products": args.products,
-                                      "device": args.device}
+            row: dict[str, object] = {
+                "case": label,
+                "mode": mode,
+                "products": args.products,
+                "device": args.device,
+            }
             try:
                 fn(mode)
                 sync()

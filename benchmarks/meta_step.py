@@ -17,6 +17,12 @@ Methods:
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+# Run as `python benchmarks/<script>.py` from anywhere: make the repository importable.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 import argparse
 import json
 import os
@@ -30,7 +36,9 @@ METHODS = ("loop", "batched", "torchopt", "maml")
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_one(method: str, steps: int, tasks: int, device_name: str, repeats: int) -> dict[str, object]:
+def run_one(
+    method: str, steps: int, tasks: int, device_name: str, repeats: int
+) -> dict[str, object]:
     import torch
 
     import implicit_meta as im
@@ -43,8 +51,15 @@ def run_one(method: str, steps: int, tasks: int, device_name: str, repeats: int)
     outer = torch.optim.Adam(model.parameters(), lr=1e-3)
 
     if method in ("loop", "batched"):
-        meta = im.ImplicitMetaOptimizer(model, outer, reg=S.REG, inner="sgd", inner_steps=steps,
-                                        inner_lr=S.INNER_LR, cg_steps=S.CG_STEPS)
+        meta = im.ImplicitMetaOptimizer(
+            model,
+            outer,
+            reg=S.REG,
+            inner="sgd",
+            inner_steps=steps,
+            inner_lr=S.INNER_LR,
+            cg_steps=S.CG_STEPS,
+        )
         strategy = "loop" if method == "loop" else "vmap"
 
         def meta_step() -> None:
@@ -79,13 +94,18 @@ def run_one(method: str, steps: int, tasks: int, device_name: str, repeats: int)
     else:
         peak = S.peak_rss_mib() - start_rss
     return {
-        "method": method, "inner_steps": steps, "tasks": tasks, "device": device_name,
-        "seconds": statistics.median(times), "seconds_all": times, "peak_mib": round(peak, 1),
+        "method": method,
+        "inner_steps": steps,
+        "tasks": tasks,
+        "device": device_name,
+        "seconds": statistics.median(times),
+        "seconds_all": times,
+        "peak_mib": round(peak, 1),
         "torch": torch.__version__,
     }
 
 
-def _torchopt_step(model, outer, support, query, steps, tasks):  # noqa: ANN001, ANN202
+def _torchopt_step(model, outer, support, query, steps, tasks):
     import torch
     import torchopt
 
@@ -93,7 +113,7 @@ def _torchopt_step(model, outer, support, query, steps, tasks):  # noqa: ANN001,
 
     names = [k for k, _ in model.named_parameters()]
 
-    def task_loss(t: int, which: str):  # noqa: ANN202
+    def task_loss(t: int, which: str):
         batch = support if which == "support" else query
         return S.functional_loss(model, (batch[0][t], batch[1][t]))
 
@@ -102,16 +122,17 @@ def _torchopt_step(model, outer, support, query, steps, tasks):  # noqa: ANN001,
         for t in range(tasks):
             inner = task_loss(t, "support")
 
-            def objective(phi, theta):  # noqa: ANN001, ANN202
+            def objective(phi, theta, inner=inner):  # bind this task's loss
                 params = dict(zip(names, phi, strict=True))
                 distance = sum(((p - q) ** 2).sum() for p, q in zip(phi, theta, strict=True))
                 return inner(params) + 0.5 * S.REG * distance
 
             @torchopt.diff.implicit.custom_root(
-                torch.func.grad(objective, argnums=0), argnums=1,
+                torch.func.grad(objective, argnums=0),
+                argnums=1,
                 solve=torchopt.linear_solve.solve_cg(maxiter=S.CG_STEPS),
             )
-            def solve(phi, theta):  # noqa: ANN001, ANN202
+            def solve(phi, theta):
                 phi = tuple(p.detach() for p in phi)
                 theta_d = tuple(p.detach() for p in theta)
                 grad_fn = torch.func.grad(objective, argnums=0)
@@ -129,7 +150,7 @@ def _torchopt_step(model, outer, support, query, steps, tasks):  # noqa: ANN001,
     return meta_step
 
 
-def _maml_step(model, outer, support, query, steps, tasks):  # noqa: ANN001, ANN202
+def _maml_step(model, outer, support, query, steps, tasks):
     import torch
 
     from benchmarks import _setting as S
@@ -142,7 +163,9 @@ def _maml_step(model, outer, support, query, steps, tasks):  # noqa: ANN001, ANN
             for _ in range(steps):
                 loss = inner(params)
                 grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
-                params = {k: v - S.INNER_LR * g for (k, v), g in zip(params.items(), grads, strict=True)}
+                params = {
+                    k: v - S.INNER_LR * g for (k, v), g in zip(params.items(), grads, strict=True)
+                }
             outer_loss = S.functional_loss(model, (query[0][t], query[1][t]))(params)
             (outer_loss / tasks).backward()
         outer.step()
@@ -158,8 +181,10 @@ def plot(results: list[dict[str, object]], path: Path) -> None:
 
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(10, 4))
     for method in METHODS:
-        rows = sorted((r for r in results if r["method"] == method and "seconds" in r),
-                      key=lambda r: r["inner_steps"])  # type: ignore[arg-type,return-value]
+        rows = sorted(
+            (r for r in results if r["method"] == method and "seconds" in r),
+            key=lambda r: r["inner_steps"],
+        )  # type: ignore[arg-type,return-value]
         if not rows:
             continue
         ks = [r["inner_steps"] for r in rows]
@@ -189,21 +214,39 @@ def main() -> None:
     args = parser.parse_args()
     tasks = args.tasks or (16 if args.device.startswith("cuda") else 4)
     if args.child:
-        print(json.dumps(run_one(args.child[0], int(args.child[1]), tasks, args.device, args.repeats)))
+        print(
+            json.dumps(run_one(args.child[0], int(args.child[1]), tasks, args.device, args.repeats))
+        )
         return
 
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0",
-               PYTHONPATH=str(ROOT))
+    env = dict(
+        os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0", PYTHONPATH=str(ROOT)
+    )
     results: list[dict[str, object]] = []
     for steps in args.steps:
         for method in args.methods:
-            cmd = [sys.executable, __file__, "--device", args.device, "--tasks", str(tasks),
-                   "--repeats", str(args.repeats), "--child", method, str(steps)]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--device",
+                args.device,
+                "--tasks",
+                str(tasks),
+                "--repeats",
+                str(args.repeats),
+                "--child",
+                method,
+                str(steps),
+            ]
             done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
             if done.returncode != 0:
-                row: dict[str, object] = {"method": method, "inner_steps": steps, "tasks": tasks,
-                                          "device": args.device,
-                                          "error": (done.stderr.strip().splitlines() or ["?"])[-1]}
+                row: dict[str, object] = {
+                    "method": method,
+                    "inner_steps": steps,
+                    "tasks": tasks,
+                    "device": args.device,
+                    "error": (done.stderr.strip().splitlines() or ["?"])[-1],
+                }
             else:
                 row = json.loads(done.stdout.strip().splitlines()[-1])
             print(json.dumps(row), flush=True)

@@ -19,6 +19,7 @@ from implicit_meta.solvers import (
 )
 
 __version__ = "0.1.0"
+"""The package's version, as in its distribution metadata."""
 
 __all__ = [
     "CGStatus",

@@ -377,7 +377,7 @@ class ImplicitMetaOptimizer:
         tasks one after the other. ``"auto"`` picks ``"vmap"`` on CUDA, where one kernel per
         operation for all tasks keeps the GPU busy, and ``"loop"`` on the CPU, where convolutions
         are already compute-bound per task and vmap only adds overhead (see
-        ``benchmarks/batched.py``). Solvers that cannot be vmapped (``"lbfgs"``, torch.optim
+        ``benchmarks/meta_step.py``). Solvers that cannot be vmapped (``"lbfgs"``, torch.optim
         adapters) and models whose operators vmap rejects fall back to the loop with a one-time
         warning that says why; the results are the same.
 

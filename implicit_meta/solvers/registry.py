@@ -23,6 +23,20 @@ class InnerSolver(Protocol):
     ``objective(params)`` returns a scalar tensor and can be differentiated with ``torch.func``
     (or autograd on leaves that require grad); ``params`` holds detached tensors that start at
     the meta-parameters. The solver returns a dict with the same keys and shapes.
+
+    A solver that cannot run under ``torch.func.vmap`` (it syncs with the host or mutates
+    tensors) may carry an attribute ``vmap_unsupported`` holding the reason as a string;
+    :meth:`ImplicitMetaOptimizer.meta_backward_batch` then loops over tasks without trying vmap.
+    Without it, vmap is tried and a failure falls back to the loop with a warning.
+
+    Example:
+        >>> import torch
+        >>> def one_step(objective, params, *, steps, lr):
+        ...     grads = torch.func.grad(objective)(params)
+        ...     return {k: v - lr * grads[k] for k, v in params.items()}
+        >>> solver: InnerSolver = one_step
+        >>> solver(lambda p: (p["w"] ** 2).sum(), {"w": torch.ones(2)}, steps=1, lr=0.25)["w"]
+        tensor([0.5000, 0.5000])
     """
 
     def __call__(
