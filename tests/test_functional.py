@@ -230,3 +230,30 @@ def test_implicit_meta_gradient_is_reg_times_ridge_inverse(device: torch.device)
     )
     expected = reg * torch.linalg.solve(a + reg * torch.eye(6, dtype=a.dtype, device=device), g)
     assert rel_err(out.solution["w"], expected) < 1e-10
+
+
+@pytest.mark.parametrize("mode", ["reverse_over_reverse", "forward_over_reverse"])
+def test_products_carry_no_graph(mode: str) -> None:
+    # A product that kept a graph would chain every CG iterate to the previous ones' graphs,
+    # and memory would grow with CG steps (it did with torch.func.vjp products).
+    x = torch.randn(7, 3, dtype=torch.float64)
+    y = torch.randint(0, 4, (7,))
+    loss, params = _mlp_loss(x, y), _mlp_params(torch.device("cpu"))
+    _, hvp_fn = make_hvp(loss, params, mode=mode)
+    product = hvp_fn({k: torch.randn_like(t) for k, t in params.items()})
+    assert not any(t.requires_grad for t in product.values())
+
+
+def test_reverse_over_reverse_inside_vmap_matches_outside() -> None:
+    x = torch.randn(2, 7, 3, dtype=torch.float64)
+    y = torch.randint(0, 4, (2, 7))
+    params = _mlp_params(torch.device("cpu"))
+    v = {k: torch.randn_like(t) for k, t in params.items()}
+
+    def one(xt: Tensor, yt: Tensor) -> dict[str, Tensor]:
+        return make_hvp(_mlp_loss(xt, yt), params, mode="reverse_over_reverse")[1](v)
+
+    batched = torch.func.vmap(one)(x, y)
+    for t in range(2):
+        single = make_hvp(_mlp_loss(x[t], y[t]), params, mode="reverse_over_reverse")[1](v)
+        assert rel_err(flatten({k: batched[k][t] for k in single}), flatten(single)) < 1e-12
