@@ -20,9 +20,16 @@ def ce(module: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
 def _trained(inner: object = "adam") -> tuple[nn.Module, im.ImplicitMetaOptimizer]:
     model = nn.Linear(4, 3)
     meta = im.ImplicitMetaOptimizer(
-        model, torch.optim.Adam(model.parameters(), lr=1e-2), reg=0.5, inner=inner,
-        inner_steps=4, inner_lr=0.05, inner_options={"betas": (0.8, 0.99)}, cg_steps=3,
-        cg_tol=1e-8, hvp="forward_over_reverse",
+        model,
+        torch.optim.Adam(model.parameters(), lr=1e-2),
+        reg=0.5,
+        inner=inner,
+        inner_steps=4,
+        inner_lr=0.05,
+        inner_options={"betas": (0.8, 0.99)},
+        cg_steps=3,
+        cg_tol=1e-8,
+        hvp="forward_over_reverse",
     )
     batch = (torch.randn(6, 4), torch.arange(6) % 3)
     for _ in range(3):
@@ -49,7 +56,7 @@ def test_round_trip_through_torch_save_weights_only() -> None:
 
     # Continuing from the loaded state gives exactly the same next step.
     batch = (torch.randn(6, 4), torch.arange(6) % 3)
-    for m, opt in ((model, meta), (fresh_model, fresh)):
+    for opt in (meta, fresh):
         opt.zero_grad()
         opt.meta_backward(ce, batch, batch)
         opt.step()
@@ -78,7 +85,7 @@ def test_torch_optim_class_solver_round_trips_by_name() -> None:
         (lambda s: s["outer_optimizer"]["param_groups"].append({"params": [99]}), ""),
     ],
 )
-def test_bad_state_dict_changes_nothing(change, message: str) -> None:  # noqa: ANN001
+def test_bad_state_dict_changes_nothing(change, message: str) -> None:
     _, meta = _trained()
     model = nn.Linear(4, 3)
     target = im.ImplicitMetaOptimizer(model, torch.optim.Adam(model.parameters(), lr=3e-3))

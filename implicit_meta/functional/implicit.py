@@ -217,8 +217,10 @@ def task_meta_gradient(
     check_solver_output(phi, theta)
     phi = {k: phi[k].detach() for k in theta}
 
-    inner_value, inner_grad, hvp_fn = value_grad_and_hvp(inner_loss, phi, mode=hvp_mode)
+    # The outer gradient first: its activations are freed before the inner gradient's graph is
+    # built and held through CG, so the peak is the larger of the two, not their sum.
     outer_grad, outer_value = torch.func.grad_and_value(outer_loss)(phi)
+    inner_value, inner_grad, hvp_fn = value_grad_and_hvp(inner_loss, phi, mode=hvp_mode)
     residual = tree_axpy(reg, tree_sub(phi, theta), inner_grad)
     cg = _solve_with_hvp(hvp_fn, dict(outer_grad), reg=reg, cg_steps=cg_steps, cg_tol=cg_tol)
     return TaskGradient(
