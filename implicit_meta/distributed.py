@@ -15,13 +15,28 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from implicit_meta._batch import task_count
+
+__all__ = [
+    "DistributedContext",
+    "all_gather_objects",
+    "all_reduce_mean",
+    "average_gradients",
+    "broadcast_object",
+    "broadcast_parameters",
+    "init_distributed",
+    "launch_rank",
+    "launch_world_size",
+    "shard_tasks",
+]
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -33,12 +48,15 @@ class DistributedContext:
         world_size: Number of processes.
         local_rank: Rank on this machine (selects the GPU).
         device: The device this rank computes on.
+        local_world_size: Number of processes on this machine (``torchrun``'s
+            ``LOCAL_WORLD_SIZE``); CPU ranks share the machine's cores among this many.
     """
 
     rank: int
     world_size: int
     local_rank: int
     device: torch.device
+    local_world_size: int = 1
 
     @property
     def is_main(self) -> bool:
@@ -79,9 +97,12 @@ def init_distributed(device: str = "auto") -> DistributedContext:
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if use_cuda and not torch.cuda.is_available():
         raise RuntimeError("device 'cuda' was requested but CUDA is not available")
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+    world_size = launch_world_size()
+    rank = launch_rank()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    # Without torchrun's LOCAL_WORLD_SIZE, assume every rank shares this machine: dividing its
+    # cores among too many ranks only costs speed, too few oversubscribes them.
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))
     if use_cuda:
         if local_rank >= torch.cuda.device_count():
             raise RuntimeError(
@@ -94,7 +115,44 @@ def init_distributed(device: str = "auto") -> DistributedContext:
         torch_device = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return DistributedContext(rank, world_size, local_rank, torch_device)
+    return DistributedContext(rank, world_size, local_rank, torch_device, local_world_size)
+
+
+def launch_world_size() -> int:
+    """The number of processes ``torchrun`` started (``WORLD_SIZE``; 1 without torchrun).
+
+    Readable before the process group exists, so settings that must divide across the ranks
+    can be checked before any process waits for the others.
+
+    Returns:
+        At least 1.
+
+    Raises:
+        ValueError: If ``WORLD_SIZE`` is not a positive integer.
+
+    Example:
+        >>> import os
+        >>> launch_world_size() if "WORLD_SIZE" not in os.environ else 1
+        1
+    """
+    value = os.environ.get("WORLD_SIZE", "1")
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"WORLD_SIZE must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def launch_rank() -> int:
+    """This process's rank as ``torchrun`` set it (``RANK``; 0 without torchrun).
+
+    Returns:
+        The rank; 0 is the process that writes files and prints.
+
+    Example:
+        >>> import os
+        >>> launch_rank() if "RANK" not in os.environ else 0
+        0
+    """
+    return int(os.environ.get("RANK", "0"))
 
 
 def shard_tasks(batch: Any, context: DistributedContext) -> Any:
@@ -166,3 +224,76 @@ def average_gradients(model: nn.Module, context: DistributedContext) -> None:
         size = param.numel()
         param.grad = flat[offset : offset + size].view_as(param).clone()
         offset += size
+
+
+def broadcast_object(obj: T, context: DistributedContext) -> T:
+    """Rank 0's ``obj`` on every rank (pickled; returned unchanged for one process).
+
+    For small, infrequent payloads: a decision, an exception, a loaded checkpoint.
+
+    Args:
+        obj: A picklable object; only rank 0's value matters.
+        context: The process's :class:`DistributedContext`.
+
+    Returns:
+        Rank 0's object.
+
+    Example:
+        >>> ctx = DistributedContext(0, 1, 0, torch.device("cpu"))
+        >>> broadcast_object({"stop": True}, ctx)
+        {'stop': True}
+    """
+    if not context.enabled:
+        return obj
+    payload: list[Any] = [obj]
+    dist.broadcast_object_list(payload, src=0, device=_collective_device(context))
+    return cast(T, payload[0])
+
+
+def all_gather_objects(obj: T, context: DistributedContext) -> list[T]:
+    """Every rank's ``obj``, in rank order, on every rank (pickled).
+
+    Args:
+        obj: This rank's picklable object.
+        context: The process's :class:`DistributedContext`.
+
+    Returns:
+        ``[obj of rank 0, obj of rank 1, ...]``; ``[obj]`` for one process.
+
+    Example:
+        >>> ctx = DistributedContext(0, 1, 0, torch.device("cpu"))
+        >>> all_gather_objects([0.5, 1.0], ctx)
+        [[0.5, 1.0]]
+    """
+    if not context.enabled:
+        return [obj]
+    gathered: list[Any] = [None] * context.world_size
+    dist.all_gather_object(gathered, obj)
+    return cast(list[T], gathered)
+
+
+def all_reduce_mean(tensor: torch.Tensor, context: DistributedContext) -> torch.Tensor:
+    """The mean of ``tensor`` over the ranks (a new tensor; ``tensor`` itself for one process).
+
+    Args:
+        tensor: Same shape and dtype on every rank, on ``context.device``.
+        context: The process's :class:`DistributedContext`.
+
+    Returns:
+        The element-wise mean.
+
+    Example:
+        >>> ctx = DistributedContext(0, 1, 0, torch.device("cpu"))
+        >>> all_reduce_mean(torch.tensor([1.0, 3.0]), ctx)
+        tensor([1., 3.])
+    """
+    if not context.enabled:
+        return tensor
+    total = tensor.detach().clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total / context.world_size
+
+
+def _collective_device(context: DistributedContext) -> torch.device | None:
+    # nccl moves object payloads through the GPU; gloo through host memory.
+    return context.device if context.device.type == "cuda" else None

@@ -1,0 +1,80 @@
+"""Building the model and the meta-optimizer a :class:`TrainConfig` describes."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from implicit_meta.fewshot.config import TrainConfig
+from implicit_meta.models import build_backbone
+from implicit_meta.optimizer import ImplicitMetaOptimizer
+
+__all__ = ["build_meta_optimizer", "build_model"]
+
+
+def build_model(
+    config: TrainConfig,
+    image_shape: tuple[int, int, int],
+    device: torch.device | str = "cpu",
+) -> nn.Module:
+    """The backbone of ``config`` for images of ``image_shape``, float32 on ``device``.
+
+    Initialisation draws from torch's global generator; seed it (``torch.manual_seed``) for a
+    reproducible model.
+
+    Args:
+        config: Names the backbone and the number of ways (the output size).
+        image_shape: ``(channels, height, width)`` of the input images.
+        device: Where the parameters live.
+
+    Returns:
+        The model in train mode.
+
+    Raises:
+        ValueError: If the backbone spec is unknown.
+
+    Example:
+        >>> model = build_model(TrainConfig(backbone="conv4-16"), (1, 28, 28))
+        >>> model(torch.zeros(2, 1, 28, 28)).shape
+        torch.Size([2, 5])
+    """
+    channels, height, _ = image_shape
+    model = build_backbone(
+        config.backbone, num_classes=config.ways, in_channels=channels, image_size=height
+    )
+    return model.to(device=torch.device(device), dtype=torch.float32).train()
+
+
+def build_meta_optimizer(model: nn.Module, config: TrainConfig) -> ImplicitMetaOptimizer:
+    """An :class:`~implicit_meta.ImplicitMetaOptimizer` with Adam and the settings of ``config``.
+
+    Use it to adapt a meta-trained model to new tasks with
+    :meth:`~implicit_meta.ImplicitMetaOptimizer.adapt`, with the inner solver, steps, learning
+    rate and regularisation it was meta-trained with.
+
+    Args:
+        model: The model whose parameters are meta-learned.
+        config: Inner solver and meta-learning settings.
+
+    Returns:
+        The meta-optimizer (Adam over every parameter at ``config.meta_lr``).
+
+    Raises:
+        ValueError: If the inner solver name is not registered.
+
+    Example:
+        >>> config = TrainConfig(backbone="conv4-16")
+        >>> meta = build_meta_optimizer(build_model(config, (1, 28, 28)), config)
+        >>> meta.inner_steps == config.inner_steps
+        True
+    """
+    outer = torch.optim.Adam(model.parameters(), lr=config.meta_lr)
+    return ImplicitMetaOptimizer(
+        model,
+        outer,
+        reg=config.reg,
+        inner=config.inner,
+        inner_steps=config.inner_steps,
+        inner_lr=config.inner_lr,
+        cg_steps=config.cg_steps,
+    )

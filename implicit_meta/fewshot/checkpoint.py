@@ -1,0 +1,177 @@
+"""Checkpoints that survive interruption and load with ``torch.load(weights_only=True)``.
+
+A checkpoint is written to a temporary file in the destination folder, flushed and fsynced, then
+moved over the old one with ``os.replace`` (atomic on POSIX and Windows). An interruption at any
+point leaves either the old or the new checkpoint, never a torn file. Everything stored is a
+tensor or a plain Python value, so loading never needs to unpickle arbitrary objects.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "CheckpointError",
+    "decode_json_tensor",
+    "encode_json_tensor",
+    "load_checkpoint",
+    "save_checkpoint",
+]
+
+CHECKPOINT_FORMAT = "implicit-meta/fewshot-checkpoint/v1"
+"""Value of the ``"format"`` entry; bumped if the layout changes incompatibly."""
+
+_REQUIRED = ("format", "config", "step", "model", "meta")
+
+
+class CheckpointError(ValueError):
+    """A file is not a readable few-shot checkpoint; the message says what is wrong.
+
+    Example:
+        >>> issubclass(CheckpointError, ValueError)
+        True
+    """
+
+
+def encode_json_tensor(value: Any) -> torch.Tensor:
+    """Encode a JSON-serialisable value (e.g. a numpy generator state) as a uint8 tensor.
+
+    numpy bit-generator states hold integers wider than 64 bits; as UTF-8 JSON bytes in a tensor
+    they pass ``weights_only`` loading unchanged, whatever the generator.
+
+    Args:
+        value: Any value ``json.dumps`` accepts.
+
+    Returns:
+        A 1-D uint8 tensor on the CPU.
+
+    Example:
+        >>> decode_json_tensor(encode_json_tensor({"state": 2**100}))
+        {'state': 1267650600228229401496703205376}
+    """
+    data = json.dumps(value, sort_keys=True).encode("utf-8")
+    return torch.tensor(list(data), dtype=torch.uint8)
+
+
+def decode_json_tensor(tensor: torch.Tensor) -> Any:
+    """Inverse of :func:`encode_json_tensor`.
+
+    Args:
+        tensor: A 1-D uint8 tensor.
+
+    Returns:
+        The decoded value.
+
+    Raises:
+        CheckpointError: If the tensor is not UTF-8 JSON bytes.
+
+    Example:
+        >>> decode_json_tensor(encode_json_tensor([1, "a"]))
+        [1, 'a']
+    """
+    if tensor.dtype != torch.uint8 or tensor.dim() != 1:
+        raise CheckpointError(f"expected a 1-D uint8 tensor, got {tensor.dtype} {tensor.shape}")
+    try:
+        return json.loads(bytes(tensor.cpu().tolist()).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"corrupt JSON state in checkpoint: {error}") from error
+
+
+def _fsync_directory(directory: Path) -> None:
+    # Makes the rename itself durable; directories cannot be opened on Windows, hence the guard.
+    if os.name != "posix":
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(state: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
+    """Write ``state`` to ``path`` atomically (temp file in the same folder, fsync, replace).
+
+    Args:
+        state: Tensors and plain Python values only (what ``weights_only`` loading accepts).
+        path: Destination file; its folder is created if needed.
+
+    Returns:
+        The destination path.
+
+    Raises:
+        OSError: If writing fails; the previous file at ``path`` is then untouched and the
+            temporary file removed.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> folder = pathlib.Path(tempfile.mkdtemp())
+        >>> save_checkpoint({"step": 1}, folder / "checkpoint.pt").name
+        'checkpoint.pt'
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(dict(state), handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        # KeyboardInterrupt included: never leave a half-written temp file behind.
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    _fsync_directory(target.parent)
+    return target
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str], map_location: str | torch.device = "cpu"
+) -> dict[str, Any]:
+    """Load a checkpoint with ``torch.load(weights_only=True)`` and check its layout.
+
+    Args:
+        path: A file written by :func:`save_checkpoint` through the few-shot trainer.
+        map_location: Where tensors are loaded.
+
+    Returns:
+        The checkpoint dict (``format``, ``config``, ``step``, ``model``, ``meta`` and, for
+        resuming, ``sampler``, ``torch_rng``, ``cuda_rng``, ``elapsed``).
+
+    Raises:
+        FileNotFoundError: If ``path`` does not exist.
+        CheckpointError: If the file is not a checkpoint of this format.
+
+    Example:
+        >>> state = load_checkpoint("runs/omniglot/checkpoint.pt")  # doctest: +SKIP
+        >>> state["step"]  # doctest: +SKIP
+        350
+    """
+    source = Path(path)
+    if not source.is_file():
+        raise FileNotFoundError(f"no checkpoint at {source}")
+    try:
+        state = torch.load(source, map_location=map_location, weights_only=True)
+    except Exception as error:  # torch raises many types for a damaged or foreign file
+        raise CheckpointError(f"{source} is not a readable checkpoint: {error}") from error
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{source} holds a {type(state).__name__}, not a checkpoint dict")
+    missing = [key for key in _REQUIRED if key not in state]
+    if missing:
+        raise CheckpointError(f"{source} lacks {missing}; is it an implicit-meta checkpoint?")
+    if state["format"] != CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"{source} has format {state['format']!r}; this version reads {CHECKPOINT_FORMAT!r}"
+        )
+    return state

@@ -1,0 +1,129 @@
+"""Turning ``--device`` and ``--threads`` into a ``torch.device`` and a thread count."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+__all__ = [
+    "DeviceUnavailableError",
+    "available_cpus",
+    "busy_cpus",
+    "configure_threads",
+    "resolve_device",
+]
+
+
+class DeviceUnavailableError(RuntimeError):
+    """The requested device does not exist on this machine; the message says why.
+
+    Example:
+        >>> issubclass(DeviceUnavailableError, RuntimeError)
+        True
+    """
+
+
+def resolve_device(spec: str) -> torch.device:
+    """The device for ``"auto"``, ``"cpu"`` or ``"cuda"`` (``"cuda:<i>"`` also accepted).
+
+    Args:
+        spec: ``"auto"`` picks CUDA when ``torch.cuda.is_available()``, else the CPU.
+
+    Returns:
+        The device.
+
+    Raises:
+        DeviceUnavailableError: If CUDA is requested but not available; the message names the
+            installed torch build so a CPU-only wheel is easy to recognise.
+        ValueError: If ``spec`` is not a known device.
+
+    Example:
+        >>> resolve_device("cpu")
+        device(type='cpu')
+    """
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec == "cpu":
+        return torch.device("cpu")
+    if spec == "cuda" or spec.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            build = torch.version.cuda or "CPU-only"
+            raise DeviceUnavailableError(
+                f"--device {spec} was requested but CUDA is not available "
+                f"(torch {torch.__version__}, CUDA build: {build}); "
+                "use --device cpu or --device auto"
+            )
+        device = torch.device(spec)
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise DeviceUnavailableError(
+                f"--device {spec} was requested but only {torch.cuda.device_count()} "
+                "CUDA device(s) are visible"
+            )
+        return device
+    raise ValueError(f"unknown device {spec!r}; use auto, cpu or cuda")
+
+
+def available_cpus() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one).
+
+    Returns:
+        At least 1.
+
+    Example:
+        >>> available_cpus() >= 1
+        True
+    """
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+def busy_cpus() -> int:
+    """Cores kept busy by other processes: the 1-minute load average, rounded (0 if unknown).
+
+    Returns:
+        A non-negative integer.
+
+    Example:
+        >>> busy_cpus() >= 0
+        True
+    """
+    try:
+        return max(0, round(os.getloadavg()[0]))
+    except (AttributeError, OSError):  # no load average on Windows
+        return 0
+
+
+def configure_threads(threads: int = 0) -> int:
+    """Set torch's intra-op thread count; ``0`` picks one per core that is not already busy.
+
+    torch's own default counts the machine's physical cores. On a shared machine that
+    oversubscribes: every operator ends at a barrier that waits for all its threads, and a thread
+    descheduled by another process stalls each small operator for a scheduler time slice. With
+    the small convolutions of few-shot models that made a meta-step up to 50x slower with 2
+    threads than with 1 on a 2-core machine with one other busy process. ``0`` therefore uses the
+    cores available to this process minus those the load average shows busy (at least 1).
+    Results can depend on the thread count, so pass an explicit count to reproduce a run
+    bit for bit.
+
+    Args:
+        threads: Thread count, or 0 for ``max(1, available_cpus() - busy_cpus())``.
+
+    Returns:
+        The thread count set.
+
+    Raises:
+        ValueError: If ``threads`` is negative.
+
+    Example:
+        >>> current = torch.get_num_threads()
+        >>> configure_threads(current) == current
+        True
+    """
+    if threads < 0:
+        raise ValueError(f"threads must be >= 0, got {threads}")
+    count = threads or max(1, available_cpus() - busy_cpus())
+    if torch.get_num_threads() != count:
+        torch.set_num_threads(count)
+    return count

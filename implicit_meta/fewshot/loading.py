@@ -1,0 +1,117 @@
+"""Rebuilding a meta-trained model from a checkpoint, and evaluating a checkpoint."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from implicit_meta.data import EpisodeSampler
+from implicit_meta.fewshot.builders import build_meta_optimizer, build_model
+from implicit_meta.fewshot.checkpoint import CheckpointError, load_checkpoint
+from implicit_meta.fewshot.config import TrainConfig
+from implicit_meta.fewshot.data import load_splits
+from implicit_meta.fewshot.device import configure_threads, resolve_device
+from implicit_meta.fewshot.evaluation import EvaluationResult, evaluate_episodes
+
+__all__ = ["evaluate_checkpoint", "load_meta_model"]
+
+
+def load_meta_model(
+    checkpoint_path: str | os.PathLike[str], device: torch.device | str = "cpu"
+) -> tuple[nn.Module, TrainConfig]:
+    """Rebuild the meta-trained model of a checkpoint, to adapt it to your own tasks.
+
+    The checkpoint is read with ``torch.load(weights_only=True)``; the backbone is rebuilt from
+    the stored config and image shape, and the meta-parameters are loaded. To adapt it with the
+    settings it was meta-trained with, build the meta-optimizer from the config and call
+    :meth:`~implicit_meta.ImplicitMetaOptimizer.adapt` on a support set; classify the query
+    images with the adapted copy in train mode (BatchNorm uses the batch statistics, as during
+    meta-training).
+
+    Args:
+        checkpoint_path: A ``checkpoint.pt`` written by ``implicit-meta train``.
+        device: Where to put the model (``"cpu"``, ``"cuda"``; ``"auto"`` also accepted).
+
+    Returns:
+        ``(model, config)``: the model in train mode on ``device`` (float32), and the run's
+        :class:`~implicit_meta.fewshot.TrainConfig` (``config.ways`` is the output size).
+
+    Raises:
+        FileNotFoundError: If there is no file at ``checkpoint_path``.
+        CheckpointError: If the file is not a readable few-shot checkpoint.
+        DeviceUnavailableError: If CUDA is requested but absent.
+
+    Example:
+        >>> import torch.nn.functional as F
+        >>> from implicit_meta.fewshot import build_meta_optimizer, load_meta_model
+        >>> model, config = load_meta_model("runs/default/checkpoint.pt")  # doctest: +SKIP
+        >>> meta = build_meta_optimizer(model, config)  # doctest: +SKIP
+        >>> loss = lambda m, batch: F.cross_entropy(m(batch[0]), batch[1])
+        >>> adapted = meta.adapt(loss, (support_images, support_labels))  # doctest: +SKIP
+        >>> predictions = adapted(query_images).argmax(dim=-1)  # doctest: +SKIP
+    """
+    target = resolve_device(device) if isinstance(device, str) else torch.device(device)
+    state = load_checkpoint(checkpoint_path, map_location="cpu")
+    config = TrainConfig.from_dict(state["config"])
+    shape = state.get("image_shape")
+    if not isinstance(shape, list | tuple) or len(shape) != 3:
+        raise CheckpointError(f"{checkpoint_path} has no valid image_shape entry")
+    channels, height, width = (int(v) for v in shape)
+    model = build_model(config, (channels, height, width), target)
+    model.load_state_dict(state["model"])
+    return model, config
+
+
+def evaluate_checkpoint(
+    checkpoint_path: str | os.PathLike[str],
+    *,
+    episodes: int = 600,
+    device: str = "auto",
+    seed: int | None = None,
+    root: str | None = None,
+    threads: int = 0,
+    progress: bool = False,
+) -> tuple[EvaluationResult, TrainConfig]:
+    """Evaluate a checkpoint on test episodes of the dataset it was trained on.
+
+    Args:
+        checkpoint_path: A ``checkpoint.pt`` written by ``implicit-meta train``.
+        episodes: Number of test episodes (600 in the MAML/iMAML protocol).
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+        seed: Seed of the test episodes; default the run's seed (the episodes the training
+            run's final evaluation used).
+        root: Dataset folder, if it moved since training (default: the stored one).
+        threads: CPU threads for torch (0: see :func:`~implicit_meta.fewshot.configure_threads`).
+        progress: Show a progress bar on stderr.
+
+    Returns:
+        ``(result, config)``.
+
+    Raises:
+        FileNotFoundError: If the checkpoint or the dataset is missing.
+        CheckpointError: If the file is not a readable few-shot checkpoint.
+        DeviceUnavailableError: If CUDA is requested but absent.
+        ValueError: If ``episodes`` is not positive.
+
+    Example:
+        >>> result, _ = evaluate_checkpoint("runs/default/checkpoint.pt")  # doctest: +SKIP
+        >>> print(result.summary())  # doctest: +SKIP
+    """
+    if episodes < 1:
+        raise ValueError(f"episodes must be positive, got {episodes}")
+    target = resolve_device(device)
+    configure_threads(threads)
+    model, config = load_meta_model(checkpoint_path, target)
+    meta = build_meta_optimizer(model, config)
+    splits = load_splits(config.dataset, root if root is not None else config.root, config.protocol)
+    sampler = EpisodeSampler(
+        splits.test,
+        config.ways,
+        config.shots,
+        config.queries,
+        config.seed if seed is None else seed,
+        target,
+    )
+    return evaluate_episodes(meta, sampler, episodes, progress=progress), config

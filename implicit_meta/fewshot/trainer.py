@@ -1,0 +1,533 @@
+"""The meta-training loop: episodes in, checkpoints, metrics, curves and a test score out."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from tqdm.auto import tqdm  # type: ignore[import-untyped,unused-ignore]
+
+from implicit_meta import __version__
+from implicit_meta.data import EpisodeSampler
+from implicit_meta.distributed import (
+    DistributedContext,
+    all_gather_objects,
+    all_reduce_mean,
+    average_gradients,
+    broadcast_object,
+    broadcast_parameters,
+    init_distributed,
+    launch_world_size,
+)
+from implicit_meta.fewshot.builders import build_meta_optimizer, build_model
+from implicit_meta.fewshot.checkpoint import (
+    CHECKPOINT_FORMAT,
+    decode_json_tensor,
+    encode_json_tensor,
+    load_checkpoint,
+    save_checkpoint,
+)
+from implicit_meta.fewshot.config import RESUMABLE_FIELDS, TrainConfig, meta_lr_at
+from implicit_meta.fewshot.data import FewShotSplits, load_splits
+from implicit_meta.fewshot.device import available_cpus, configure_threads, resolve_device
+from implicit_meta.fewshot.evaluation import EvaluationResult, episode_accuracies
+from implicit_meta.fewshot.meta_batch import MetaBatchStats, meta_train_step
+from implicit_meta.fewshot.metrics import MetricsLog, read_metrics
+from implicit_meta.fewshot.plots import plot_curves
+from implicit_meta.optimizer import ImplicitMetaOptimizer
+
+__all__ = [
+    "CHECKPOINT_NAME",
+    "CURVES_NAME",
+    "EVALUATION_NAME",
+    "METRICS_NAME",
+    "TrainResult",
+    "check_resumable",
+    "check_world_size",
+    "train",
+]
+
+CHECKPOINT_NAME = "checkpoint.pt"
+METRICS_NAME = "metrics.jsonl"
+CURVES_NAME = "curves.png"
+EVALUATION_NAME = "evaluation.json"
+CONFIG_NAME = "config.json"
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a call of :func:`train` did.
+
+    Attributes:
+        out_dir: The run folder (checkpoint, metrics, curves, evaluation).
+        step: Meta-steps completed in total (including those before a resume).
+        elapsed: Seconds spent meta-training in total (data loading and evaluation excluded).
+        stopped_by: ``"meta_steps"`` or ``"time_budget"``.
+        evaluation: The held-out evaluation, or None if ``eval_episodes`` was 0.
+
+    Example:
+        >>> result = train(TrainConfig(), "runs/default")  # doctest: +SKIP
+        >>> result.stopped_by, result.evaluation.accuracy > 0.7  # doctest: +SKIP
+        ('time_budget', True)
+    """
+
+    out_dir: Path
+    step: int
+    elapsed: float
+    stopped_by: str
+    evaluation: EvaluationResult | None
+
+
+def check_resumable(saved: TrainConfig, requested: TrainConfig) -> None:
+    """Raise unless ``requested`` differs from ``saved`` only in :data:`RESUMABLE_FIELDS`.
+
+    Args:
+        saved: The config stored in the checkpoint.
+        requested: The config of the resuming run.
+
+    Raises:
+        ValueError: Naming every field that would change what the run computes.
+
+    Example:
+        >>> check_resumable(TrainConfig(), TrainConfig(meta_steps=99))
+        >>> check_resumable(TrainConfig(), TrainConfig(ways=20))
+        Traceback (most recent call last):
+        ...
+        ValueError: cannot resume with a different ways (checkpoint: 5, requested: 20)
+    """
+    old, new = saved.to_dict(), requested.to_dict()
+    changed = [k for k in old if k not in RESUMABLE_FIELDS and old[k] != new[k]]
+    if changed:
+        details = ", ".join(f"{k} (checkpoint: {old[k]!r}, requested: {new[k]!r})" for k in changed)
+        raise ValueError(f"cannot resume with a different {details}")
+
+
+def check_world_size(config: TrainConfig, world_size: int) -> None:
+    """Raise unless the meta-batch divides evenly across ``world_size`` processes.
+
+    Each rank computes the meta-gradient of ``meta_batch / world_size`` tasks; averaging the
+    ranks' gradients gives the task mean over the whole meta-batch only when every rank has as
+    many tasks.
+
+    Args:
+        config: The run settings.
+        world_size: Number of processes (``torchrun``'s ``WORLD_SIZE``).
+
+    Raises:
+        ValueError: If ``config.meta_batch`` is not a multiple of ``world_size``.
+
+    Example:
+        >>> check_world_size(TrainConfig(meta_batch=4), 2)
+        >>> check_world_size(TrainConfig(meta_batch=4), 3)
+        Traceback (most recent call last):
+        ...
+        ValueError: the meta-batch of 4 tasks does not divide across 3 processes; ... e.g. 6
+    """
+    if config.meta_batch % world_size:
+        suggestion = -(-config.meta_batch // world_size) * world_size
+        raise ValueError(
+            f"the meta-batch of {config.meta_batch} tasks does not divide across {world_size} "
+            f"processes; use a --meta-batch that is a multiple of {world_size}, e.g. {suggestion}"
+        )
+
+
+@dataclass
+class _Run:
+    """The live objects of a run, kept together for checkpointing."""
+
+    config: TrainConfig
+    model: nn.Module
+    meta: ImplicitMetaOptimizer
+    sampler: EpisodeSampler
+    image_shape: tuple[int, int, int]
+    device: torch.device
+    context: DistributedContext
+    step: int = 0
+    elapsed: float = 0.0
+
+    def _rank_state(self) -> dict[str, Any]:
+        """The random streams of this rank: its episode sampler and torch's generators."""
+        cuda_rng: list[Tensor] = []
+        if self.device.type == "cuda":
+            cuda_rng = list(torch.cuda.get_rng_state_all())
+        return {
+            "sampler": encode_json_tensor(self.sampler.state_dict()),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": cuda_rng,
+        }
+
+    def state(self) -> dict[str, Any] | None:
+        """The checkpoint, on rank 0 (None elsewhere); every rank must call it (it gathers).
+
+        The model and Adam's state are the same on every rank; the random streams are not, so
+        ``ranks`` holds each rank's (the top-level ``sampler``/``torch_rng``/``cuda_rng`` are
+        rank 0's, the layout of a single-process checkpoint).
+        """
+        mine = self._rank_state()
+        ranks = all_gather_objects(mine, self.context)
+        if not self.context.is_main:
+            return None
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "config": self.config.to_dict(),
+            "image_shape": list(self.image_shape),
+            "step": self.step,
+            "elapsed": self.elapsed,
+            "model": self.model.state_dict(),
+            "meta": self.meta.state_dict(),
+            **mine,
+            "world_size": self.context.world_size,
+            "ranks": ranks,
+            "versions": {"implicit_meta": __version__, "torch": str(torch.__version__)},
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        if tuple(state.get("image_shape", ())) != self.image_shape:
+            raise ValueError(
+                f"the checkpoint was trained on images of shape {state.get('image_shape')}, "
+                f"the dataset has {list(self.image_shape)}"
+            )
+        self.model.load_state_dict(state["model"])
+        self.meta.load_state_dict(state["meta"])
+        streams = state["ranks"][self.context.rank] if "ranks" in state else state
+        self.sampler.load_state_dict(decode_json_tensor(streams["sampler"]))
+        torch.set_rng_state(streams["torch_rng"].cpu())
+        if self.device.type == "cuda" and streams.get("cuda_rng"):
+            torch.cuda.set_rng_state_all([s.cpu() for s in streams["cuda_rng"]])
+        self.step = int(state["step"])
+        self.elapsed = float(state["elapsed"])
+
+    def checkpoint(self, path: Path) -> None:
+        """Write the checkpoint (rank 0); every rank must call it."""
+        state = self.state()
+        if state is not None:
+            save_checkpoint(state, path)
+
+
+def _record(step: int, elapsed: float, totals: Tensor, count: int, lr: float) -> dict[str, Any]:
+    # One device-to-host transfer per logged step; the steps in between never sync for logging.
+    means = (totals / count).tolist()
+    record: dict[str, Any] = {"step": step, "elapsed": round(elapsed, 3)}
+    record.update(zip(MetaBatchStats.names(), means, strict=True))
+    record["meta_lr"] = lr
+    return record
+
+
+def train(
+    config: TrainConfig,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    splits: FewShotSplits | None = None,
+) -> TrainResult:
+    """Meta-train a few-shot classifier with iMAML, then evaluate it on held-out classes.
+
+    Each meta-step draws ``meta_batch`` N-way K-shot episodes from the meta-train classes, adapts
+    the model to every support set with the inner solver, and steps Adam on the task-mean
+    implicit meta-gradient of the query cross-entropy, at the learning rate of
+    ``config.lr_schedule`` (:func:`~implicit_meta.fewshot.config.meta_lr_at`). Training stops
+    after ``meta_steps`` steps or ``time_budget`` seconds, whichever comes first; the model is
+    then evaluated on ``eval_episodes`` test episodes.
+
+    Files in ``out_dir``: ``checkpoint.pt`` (every ``checkpoint_every`` steps and at the end,
+    written atomically), ``metrics.jsonl`` (every ``log_every`` steps: means over the steps since
+    the previous record, and the learning rate), ``curves.png``, ``config.json`` and
+    ``evaluation.json``.
+
+    Resuming restores the model, Adam's state, the episode streams, torch's random state, the
+    step and the elapsed training time, so on the same device and thread count a resumed run
+    ends with exactly the parameters of an uninterrupted one when it is stopped by
+    ``meta_steps`` and its learning rate does not depend on the clock (``time_budget=0`` or
+    the constant schedule).
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) the processes join a process group (``nccl`` on
+    GPUs, ``gloo`` on CPUs), start from rank 0's parameters, and each draws ``meta_batch /
+    world_size`` tasks per step from its own episode stream (seeded by ``seed`` and its rank).
+    Their meta-gradients are averaged with one ``all_reduce`` before every rank takes the same
+    Adam step, so the parameters stay identical. Rank 0 alone writes files and shows progress;
+    its checkpoint holds every rank's random streams, so a run resumes with the same number of
+    processes. The test episodes are split across the ranks and the accuracies gathered, so the
+    mean and its interval cover all ``eval_episodes``.
+
+    Global state: seeds torch's generator with ``config.seed``, sets torch's CPU thread count
+    (``config.threads``; with ``0``, the cores are shared among the ranks on the machine), and
+    creates and destroys the default process group under ``torchrun`` unless one exists.
+
+    Args:
+        config: The run settings.
+        out_dir: Run folder, created if needed (by rank 0).
+        resume: Continue from ``out_dir/checkpoint.pt``; ``config`` may differ from the stored
+            one only in :data:`~implicit_meta.fewshot.config.RESUMABLE_FIELDS`.
+        progress: Show tqdm bars (meta-training and evaluation) on stderr, on rank 0.
+        splits: Meta-train / meta-test datasets to use instead of loading ``config.dataset``.
+
+    Returns:
+        The outcome, with the evaluation if one was run (the same on every rank).
+
+    Raises:
+        FileExistsError: If ``out_dir`` already holds a checkpoint and ``resume`` is false.
+        FileNotFoundError: If ``resume`` is true and there is no checkpoint.
+        ValueError: If the resumed config changes a non-resumable field, the checkpoint was
+            written by a different number of processes, or the meta-batch does not divide
+            across the processes (raised before any process joins the group).
+        implicit_meta.fewshot.DeviceUnavailableError: If CUDA is requested but absent.
+
+    Example:
+        >>> from implicit_meta.fewshot import TrainConfig, train
+        >>> result = train(TrainConfig(meta_steps=20), "runs/quick")  # doctest: +SKIP
+        >>> print(result.evaluation.summary())  # doctest: +SKIP
+    """
+    # Checked before joining the group: every rank raises the same error at once instead of
+    # some ranks waiting forever for others.
+    check_world_size(config, launch_world_size())
+    device = resolve_device(config.device)
+    owns_group = launch_world_size() > 1 and not dist.is_initialized()
+    context = init_distributed(config.device)
+    try:
+        if context.enabled:
+            device = context.device
+        return _train(config, Path(out_dir), context, device, resume, progress, splits)
+    finally:
+        if owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _threads(config: TrainConfig, context: DistributedContext, device: torch.device) -> int:
+    if config.threads or not context.enabled or device.type != "cpu":
+        return config.threads
+    # Ranks on one machine share its cores; the load average lags behind ranks that have just
+    # started, so it cannot tell them apart.
+    return max(1, available_cpus() // context.local_world_size)
+
+
+def _prepare_output(
+    config: TrainConfig, out: Path, resume: bool, context: DistributedContext
+) -> dict[str, Any] | None:
+    """On rank 0: check and prepare ``out``; return the checkpoint to resume, if any."""
+    checkpoint_path = out / CHECKPOINT_NAME
+    saved: dict[str, Any] | None = None
+    if resume:
+        saved = load_checkpoint(checkpoint_path)
+        check_resumable(TrainConfig.from_dict(saved["config"]), config)
+        stored_world = int(saved.get("world_size", 1))
+        if stored_world != context.world_size:
+            raise ValueError(
+                f"{checkpoint_path} was written by a run of {stored_world} process(es); "
+                f"resume it with {stored_world} (each holds its own episode stream)"
+            )
+    elif checkpoint_path.exists():
+        raise FileExistsError(
+            f"{checkpoint_path} exists; resume it or choose another output folder"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    # Temp files of a save that was killed before its rename; the checkpoint itself is intact.
+    for stale in out.glob(f".{CHECKPOINT_NAME}.*.tmp"):
+        stale.unlink(missing_ok=True)
+    return saved
+
+
+def _prepare_everywhere(
+    config: TrainConfig, out: Path, resume: bool, context: DistributedContext
+) -> dict[str, Any] | None:
+    """Rank 0 prepares ``out`` and reads the checkpoint; every rank gets it or rank 0's error.
+
+    Only rank 0 touches the run folder, so the other ranks (possibly on other machines) need
+    no access to it, and an error there stops every rank instead of leaving them waiting.
+    """
+    outcome: dict[str, Any] | BaseException | None = None
+    if context.is_main:
+        try:
+            outcome = _prepare_output(config, out, resume, context)
+        except Exception as error:  # any failure must reach the other ranks too
+            if not context.enabled:
+                raise
+            outcome = error
+    outcome = broadcast_object(outcome, context)
+    if isinstance(outcome, BaseException):
+        raise outcome
+    return outcome
+
+
+def _train(
+    config: TrainConfig,
+    out: Path,
+    context: DistributedContext,
+    device: torch.device,
+    resume: bool,
+    progress: bool,
+    splits: FewShotSplits | None,
+) -> TrainResult:
+    checkpoint_path = out / CHECKPOINT_NAME
+    configure_threads(_threads(config, context, device))
+    progress = progress and context.is_main
+    saved = _prepare_everywhere(config, out, resume, context)
+    if splits is None:
+        splits = load_splits(config.dataset, config.root, config.protocol)
+
+    torch.manual_seed(config.seed)
+    image_shape = splits.train.image_shape
+    model = build_model(config, image_shape, device)
+    # Same seed, same initialisation on every rank in practice; the broadcast makes it certain
+    # (e.g. for nondeterministic initialisers on some devices).
+    broadcast_parameters(model, context)
+    run = _Run(
+        config=config,
+        model=model,
+        meta=build_meta_optimizer(model, config),
+        sampler=EpisodeSampler(
+            splits.train,
+            config.ways,
+            config.shots,
+            config.queries,
+            config.seed,
+            device,
+            rank=context.rank,
+        ),
+        image_shape=image_shape,
+        device=device,
+        context=context,
+    )
+    if context.enabled:
+        # meta_train_step leaves each rank's task-mean gradient in p.grad; averaging them just
+        # before Adam's step makes it the mean over the whole meta-batch on every rank.
+        run.meta.outer_optimizer.register_step_pre_hook(
+            lambda *_: average_gradients(run.model, context)
+        )
+    log = MetricsLog(out / METRICS_NAME) if context.is_main else None
+    if saved is not None:
+        run.restore(saved)
+        if log is not None:
+            # Records logged after the checkpoint are about to be recomputed.
+            log.truncate_after(run.step)
+    elif log is not None:
+        log.path.unlink(missing_ok=True)
+    if context.is_main:
+        (out / CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2) + "\n", "utf-8")
+
+    stopped_by = _meta_train(run, log, checkpoint_path, progress)
+    run.checkpoint(checkpoint_path)
+
+    evaluation = None
+    if config.eval_episodes > 0:
+        evaluation = _evaluate(run, splits, progress)
+        if context.is_main:
+            summary = {
+                **evaluation.to_dict(),
+                "step": run.step,
+                "checkpoint": str(checkpoint_path),
+            }
+            (out / EVALUATION_NAME).write_text(json.dumps(summary, indent=2) + "\n", "utf-8")
+    if log is not None:
+        plot_curves(
+            read_metrics(log.path),
+            out / CURVES_NAME,
+            test_accuracy=evaluation.accuracy if evaluation else None,
+            title=_title(config),
+        )
+    return TrainResult(out, run.step, run.elapsed, stopped_by, evaluation)
+
+
+def _evaluate(run: _Run, splits: FewShotSplits, progress: bool) -> EvaluationResult:
+    """Each rank scores its share of the test episodes; the summary covers all of them."""
+    config, context = run.config, run.context
+    episodes = config.eval_episodes
+    share = episodes // context.world_size + (context.rank < episodes % context.world_size)
+    sampler = EpisodeSampler(
+        splits.test,
+        config.ways,
+        config.shots,
+        config.queries,
+        config.seed,
+        run.device,
+        rank=context.rank,
+    )
+    mine = episode_accuracies(run.meta, sampler, share, progress=progress)
+    values = [value for part in all_gather_objects(mine, context) for value in part]
+    return EvaluationResult.from_accuracies(values, config.ways, config.shots)
+
+
+def _title(config: TrainConfig) -> str:
+    return (
+        f"iMAML {config.dataset} {config.ways}-way {config.shots}-shot, {config.backbone}, "
+        f"{config.inner} x{config.inner_steps}, reg {config.reg}"
+    )
+
+
+def _set_lr(run: _Run) -> float:
+    lr = meta_lr_at(run.config, run.step, run.elapsed)
+    for group in run.meta.outer_optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+def _meta_train(run: _Run, log: MetricsLog | None, checkpoint_path: Path, progress: bool) -> str:
+    """Run meta-steps until ``meta_steps`` or the time budget; return which one stopped it.
+
+    Every rank runs this loop in lockstep: the stopping decision and the learning rate use rank
+    0's clock, and the collectives (gradient averaging, logging, checkpoints) fall on the same
+    steps everywhere.
+    """
+    config, context = run.config, run.context
+    totals: Tensor | None = None
+    count = 0
+    lr = _set_lr(run)
+    stopped_by = "meta_steps"
+    start, base = time.perf_counter(), run.elapsed
+    tasks_per_rank = config.meta_batch // context.world_size
+
+    def clock() -> float:
+        return broadcast_object(base + time.perf_counter() - start, context)
+
+    bar = tqdm(
+        total=config.meta_steps,
+        initial=run.step,
+        desc="meta-train",
+        unit="step",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
+    with bar:
+        while run.step < config.meta_steps:
+            run.elapsed = clock()
+            if config.time_budget and run.elapsed >= config.time_budget:
+                stopped_by = "time_budget"
+                break
+            lr = _set_lr(run)
+            stats = meta_train_step(run.meta, run.sampler.sample(tasks_per_rank)).stacked()
+            totals = stats if totals is None else totals + stats
+            count += 1
+            run.step += 1
+            bar.update(1)
+            if run.step % config.log_every == 0 and totals is not None:
+                run.elapsed = clock()
+                record = _record(run.step, run.elapsed, all_reduce_mean(totals, context), count, lr)
+                if log is not None:
+                    log.append(record)
+                postfix = {
+                    "loss": f"{record['outer_loss']:.3f}",
+                    "acc": f"{record['query_accuracy']:.3f}",
+                    "lr": f"{lr:.1e}",
+                }
+                if config.time_budget:
+                    # The bar's ETA counts meta_steps; with a budget, the budget ends it first.
+                    postfix["budget_left"] = f"{max(0.0, config.time_budget - run.elapsed):.0f}s"
+                bar.set_postfix(postfix)
+                totals, count = None, 0
+            if run.step % config.checkpoint_every == 0:
+                run.elapsed = clock()
+                run.checkpoint(checkpoint_path)
+                if log is not None:
+                    plot_curves(read_metrics(log.path), checkpoint_path.parent / CURVES_NAME)
+    run.elapsed = clock()
+    if totals is not None and count:
+        record = _record(run.step, run.elapsed, all_reduce_mean(totals, context), count, lr)
+        if log is not None:
+            log.append(record)
+    return stopped_by
