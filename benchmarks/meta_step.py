@@ -77,6 +77,7 @@ def run_one(
         if device.type == "cuda":
             torch.cuda.synchronize()
 
+    S.reset_peak_rss()
     start_rss = S.rss_mib()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()

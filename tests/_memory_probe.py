@@ -1,8 +1,8 @@
 """Run one meta_backward (or an unrolled control) and print the peak memory it added, in MiB.
 
 Used by test_memory.py in a fresh subprocess per setting, so every peak is its own. On CUDA the
-peak is torch.cuda.max_memory_allocated; on CPU the peak resident set size (ru_maxrss) minus the
-resident size just before the measured call.
+peak is torch.cuda.max_memory_allocated; on CPU the kernel's peak resident size (VmHWM, reset
+just before the measured call) minus the resident size at that point.
 """
 
 from __future__ import annotations
@@ -15,6 +15,25 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import implicit_meta as im
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) of this process; False where not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def peak_rss_mib() -> float:
+    """Peak resident size since the last reset (VmHWM), in MiB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def rss_mib() -> float:
@@ -51,6 +70,9 @@ def main() -> None:
         torch.cuda.reset_peak_memory_stats()
         start = torch.cuda.memory_allocated()
     else:
+        # Without the reset, the process's peak could be an import-time spike (shared libraries
+        # loading) rather than anything the measured call did.
+        reset_peak_rss()
         start = rss_mib()
     if mode == "implicit":
         meta.meta_backward(loss_fn, (x, y), (x, y))
@@ -67,7 +89,7 @@ def main() -> None:
         torch.cuda.synchronize()
         peak = (torch.cuda.max_memory_allocated() - start) / 2**20
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - start
+        peak = peak_rss_mib() - start
     print(f"{peak:.2f}")
 
 
