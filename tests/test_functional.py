@@ -257,3 +257,26 @@ def test_reverse_over_reverse_inside_vmap_matches_outside() -> None:
     for t in range(2):
         single = make_hvp(_mlp_loss(x[t], y[t]), params, mode="reverse_over_reverse")[1](v)
         assert rel_err(flatten({k: batched[k][t] for k in single}), flatten(single)) < 1e-12
+
+
+@pytest.mark.parametrize("mode", ["reverse_over_reverse", "forward_over_reverse"])
+def test_proximal_objective_derivatives_at_theta(mode: str) -> None:
+    # At phi = theta (where every inner solve starts) the proximal term's gradient is zero and
+    # its Hessian is reg * I; a norm-based implementation gets NaN there.
+    from implicit_meta.functional import proximal_objective
+
+    x = torch.randn(7, 3, dtype=torch.float64)
+    y = torch.randint(0, 4, (7,))
+    loss, theta = _mlp_loss(x, y), _mlp_params(torch.device("cpu"))
+    objective = proximal_objective(loss, theta, reg=0.7)
+    v = {k: torch.randn_like(t) for k, t in theta.items()}
+    grad_obj, hvp_obj = make_hvp(objective, theta, mode=mode)
+    grad_loss, hvp_loss = make_hvp(loss, theta, mode=mode)
+    assert rel_err(flatten(grad_obj), flatten(grad_loss)) < 1e-14
+    expected = {k: hvp_loss(v)[k] + 0.7 * v[k] for k in v}
+    assert rel_err(flatten(hvp_obj(v)), flatten(expected)) < 1e-12
+    torch.testing.assert_close(
+        objective({k: t + 1.0 for k, t in theta.items()}),
+        loss({k: t + 1.0 for k, t in theta.items()})
+        + 0.35 * sum(t.numel() for t in theta.values()),
+    )

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import torch
 import torchopt
 
+from implicit_meta.functional._grad import grad
 from implicit_meta.functional._tree import Params
 from implicit_meta.solvers.registry import Objective, inner_solver
 
@@ -21,7 +21,7 @@ def _run_torchopt(
     params: Params,
     steps: int,
 ) -> Params:
-    grad_fn: Callable[[Params], Params] = torch.func.grad(objective)
+    grad_fn: Callable[[Params], Params] = grad(objective)
     state = optimizer.init(params)
     for _ in range(steps):
         grads = grad_fn(params)
