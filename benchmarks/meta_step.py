@@ -3,9 +3,10 @@
     python benchmarks/meta_step.py [--device cpu|cuda] [--tasks T] [--steps 5 25 100]
                                    [--methods ...] [--repeats R] [--out benchmarks/results]
 
-Every (method, K) runs in a fresh subprocess, so peak memory is its own: peak RSS growth over the
+Every (method, K) runs in fresh subprocesses, so peak memory is its own: peak RSS growth over the
 process's resident size before the first meta-step on CPU (glibc set to return freed blocks at
-once, so RSS follows live memory), ``torch.cuda.max_memory_allocated`` on CUDA. Prints one JSON
+once, so RSS follows live memory), ``torch.cuda.max_memory_allocated`` on CUDA. Time is taken in
+a second process with the default allocator. Prints one JSON
 object per line and writes ``meta_step_<device>.json`` and ``meta_step_<device>.png``.
 
 Methods:
@@ -220,36 +221,45 @@ def main() -> None:
         )
         return
 
-    env = dict(
-        os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0", PYTHONPATH=str(ROOT)
-    )
+    # Memory is measured with glibc returning freed blocks at once (RSS then follows live
+    # tensors); that turns every large allocation into a system call and distorts timings, so
+    # time is measured in a second process with the default allocator.
+    plain_env = dict(os.environ, PYTHONPATH=str(ROOT))
+    memory_env = dict(plain_env, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    runs = (("memory", memory_env, 1), ("time", plain_env, args.repeats))
     results: list[dict[str, object]] = []
     for steps in args.steps:
         for method in args.methods:
-            cmd = [
-                sys.executable,
-                __file__,
-                "--device",
-                args.device,
-                "--tasks",
-                str(tasks),
-                "--repeats",
-                str(args.repeats),
-                "--child",
-                method,
-                str(steps),
-            ]
-            done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
-            if done.returncode != 0:
-                row: dict[str, object] = {
-                    "method": method,
-                    "inner_steps": steps,
-                    "tasks": tasks,
-                    "device": args.device,
-                    "error": (done.stderr.strip().splitlines() or ["?"])[-1],
-                }
-            else:
-                row = json.loads(done.stdout.strip().splitlines()[-1])
+            row: dict[str, object] = {}
+            for purpose, env, repeats in runs:
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--device",
+                    args.device,
+                    "--tasks",
+                    str(tasks),
+                    "--repeats",
+                    str(repeats),
+                    "--child",
+                    method,
+                    str(steps),
+                ]
+                done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+                if done.returncode != 0:
+                    row = {
+                        "method": method,
+                        "inner_steps": steps,
+                        "tasks": tasks,
+                        "device": args.device,
+                        "error": (done.stderr.strip().splitlines() or ["?"])[-1],
+                    }
+                    break
+                measured = json.loads(done.stdout.strip().splitlines()[-1])
+                if purpose == "memory":
+                    row = measured
+                else:
+                    row.update(seconds=measured["seconds"], seconds_all=measured["seconds_all"])
             print(json.dumps(row), flush=True)
             results.append(row)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -32,6 +32,7 @@ InnerSpec = str | Callable[..., Params] | type[torch.optim.Optimizer]
 """What ``inner=`` accepts: a registered name, a solver function, or a torch.optim class."""
 
 _TORCH_OPTIM_PREFIX = "torch.optim."
+_CPU_VMAP_MIN_INNER_STEPS = 56
 
 
 def _resolve_inner(inner: InnerSpec) -> tuple[Callable[..., Params], str | None]:
@@ -375,11 +376,12 @@ class ImplicitMetaOptimizer:
         Strategies: ``"vmap"`` runs the inner solve, the outer gradient and CG vectorised over
         tasks (per-task CG stopping is handled with masks, no host syncs); ``"loop"`` runs the
         tasks one after the other. ``"auto"`` picks ``"vmap"`` on CUDA, where one kernel per
-        operation for all tasks keeps the GPU busy, and ``"loop"`` on the CPU, where convolutions
-        are already compute-bound per task and vmap only adds overhead (see
-        ``benchmarks/meta_step.py``). Solvers that cannot be vmapped (``"lbfgs"``, torch.optim
-        adapters) and models whose operators vmap rejects fall back to the loop with a one-time
-        warning that says why; the results are the same.
+        operation for all tasks keeps the GPU busy; on the CPU it picks ``"loop"`` below 56 inner
+        steps and ``"vmap"`` from there on, where vmap's cheaper inner steps outweigh its larger
+        fixed cost (measured with ``benchmarks/meta_step.py`` on a 2-core CPU). Solvers that
+        cannot be vmapped (``"lbfgs"``, torch.optim adapters) always loop under ``"auto"``; with
+        ``"vmap"`` they, and models whose operators vmap rejects, fall back to the loop with a
+        one-time warning that says why; the results are the same.
 
         BatchNorm under vmap uses per-task batch statistics; every task gets its own copy of the
         buffers, and nothing is written into the model.
@@ -424,7 +426,7 @@ class ImplicitMetaOptimizer:
         theta, _, _ = self._split_checked()
         self._precheck(loss_fn, outer_loss_fn, first_support, first_query)
         if strategy == "auto":
-            strategy = "vmap" if next(iter(theta.values())).device.type == "cuda" else "loop"
+            strategy = self._auto_strategy(next(iter(theta.values())).device)
         tasks: TaskGradient | None = None
         if strategy == "vmap":
             reason = getattr(self._solver, "vmap_unsupported", None)
@@ -444,6 +446,16 @@ class ImplicitMetaOptimizer:
         total = {k: v.sum(dim=0) * scale for k, v in tasks.meta_grad.items()}
         self._check_and_accumulate(total, tasks, batched=True)
         return _result(tasks)
+
+    def _auto_strategy(self, device: torch.device) -> str:
+        # Measured on a 2-core CPU (4 Conv4 20-way tasks, benchmarks/meta_step.py): vmap costs
+        # more up front (about 3.7 s against 2.0 s at K=5) but less per inner step (about
+        # 0.09 s against 0.125 s), so it overtakes the loop near K = 55; on CUDA it always wins.
+        if getattr(self._solver, "vmap_unsupported", None):
+            return "loop"  # known up front: no need to try vmap and warn
+        if device.type == "cuda":
+            return "vmap"
+        return "vmap" if self.inner_steps >= _CPU_VMAP_MIN_INNER_STEPS else "loop"
 
     def _split_checked(self) -> tuple[Params, Params, Params]:
         theta, frozen, buffers = split_state(self.model)
