@@ -48,8 +48,3 @@ def tree_where(cond: Tensor, a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -
 def tree_zeros_like(a: Mapping[str, Tensor]) -> Params:
     """Zeros shaped like ``a``."""
     return {k: torch.zeros_like(v) for k, v in a.items()}
-
-
-def tree_detach(a: Mapping[str, Tensor]) -> Params:
-    """Detached views of every entry of ``a``."""
-    return {k: v.detach() for k, v in a.items()}
