@@ -251,7 +251,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         130 if interrupted.
 
     Example:
-        >>> main(["evaluate", "--checkpoint", "runs/x/checkpoint.pt"])  # doctest: +SKIP
+        >>> import tempfile, warnings
+        >>> from implicit_meta.fewshot import TrainConfig, train
+        >>> warnings.simplefilter("ignore")  # curvature warnings of an untrained model
+        >>> config = TrainConfig(backbone="conv4-8", ways=3, shots=1, queries=2,
+        ...                      inner_steps=2, cg_steps=2, meta_batch=2, meta_steps=2,
+        ...                      eval_episodes=4, threads=1, device="cpu")
+        >>> out = tempfile.mkdtemp()
+        >>> result = train(config, out, progress=False)
+        >>> import contextlib, io
+        >>> quiet = contextlib.redirect_stdout(io.StringIO())
+        >>> with quiet, contextlib.redirect_stderr(io.StringIO()):
+        ...     status = main(["evaluate", "--checkpoint", f"{out}/checkpoint.pt",
+        ...                    "--episodes", "3", "--threads", "1"])
+        >>> status
         0
     """
     parser = build_parser()

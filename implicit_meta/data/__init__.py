@@ -6,9 +6,9 @@ from it as float tensors with a leading task dimension (:class:`EpisodeBatch`).
 
 Example:
     >>> from implicit_meta.data import EpisodeSampler, load_omniglot
-    >>> splits = load_omniglot()  # doctest: +SKIP
-    >>> sampler = EpisodeSampler(splits.train, 5, 1, 15, seed=0)  # doctest: +SKIP
-    >>> batch = sampler.sample(tasks=32)  # doctest: +SKIP
+    >>> splits = load_omniglot()
+    >>> sampler = EpisodeSampler(splits.train, 5, 1, 15, seed=0)
+    >>> batch = sampler.sample(tasks=32)
 """
 
 from implicit_meta.data._cache import cache_dir

@@ -85,9 +85,17 @@ class MiniImageNetSplits:
         test: 20 classes for meta-testing.
 
     Example:
-        >>> splits = load_mini_imagenet("~/data/mini-imagenet")  # doctest: +SKIP
-        >>> splits.train.images.shape  # doctest: +SKIP
-        torch.Size([64, 600, 3, 84, 84])
+        >>> import pickle, tempfile, numpy as np
+        >>> root = tempfile.mkdtemp()  # a tiny copy in the pickle form: 2 classes x 3 images
+        >>> for name in ("train", "validation", "test"):
+        ...     data = {"image_data": np.zeros((6, 84, 84, 3), np.uint8),
+        ...             "class_dict": {f"n0{name}{c}": [3 * c, 3 * c + 1, 3 * c + 2]
+        ...                            for c in range(2)}}
+        ...     with open(f"{root}/mini-imagenet-cache-{name}.pkl", "wb") as f:
+        ...         pickle.dump(data, f)
+        >>> splits = load_mini_imagenet(root, use_cache=False)
+        >>> splits.train.images.shape  # the real data: [64, 600, 3, 84, 84]
+        torch.Size([2, 3, 3, 84, 84])
     """
 
     train: FewShotDataset
@@ -277,9 +285,17 @@ def load_mini_imagenet_split(
         implicit_meta.data.UnsafePickleError: If the pickle references a forbidden global.
 
     Example:
-        >>> test = load_mini_imagenet_split("~/data/mini-imagenet", "test")  # doctest: +SKIP
-        >>> test.num_classes, test.images_per_class  # doctest: +SKIP
-        (20, 600)
+        >>> import pickle, tempfile, numpy as np
+        >>> root = tempfile.mkdtemp()  # a tiny copy in the pickle form: 2 classes x 3 images
+        >>> for name in ("train", "validation", "test"):
+        ...     data = {"image_data": np.zeros((6, 84, 84, 3), np.uint8),
+        ...             "class_dict": {f"n0{name}{c}": [3 * c, 3 * c + 1, 3 * c + 2]
+        ...                            for c in range(2)}}
+        ...     with open(f"{root}/mini-imagenet-cache-{name}.pkl", "wb") as f:
+        ...         pickle.dump(data, f)
+        >>> test = load_mini_imagenet_split(root, "test", use_cache=False)
+        >>> test.num_classes, test.images_per_class  # the real data: (20, 600)
+        (2, 3)
     """
     split = "val" if split == "validation" else split
     if split not in MINI_IMAGENET_CLASSES:
@@ -324,9 +340,21 @@ def load_mini_imagenet(
         ValueError: On malformed files, or (``strict``) non-standard splits.
 
     Example:
-        >>> splits = load_mini_imagenet("~/data/mini-imagenet", strict=True)  # doctest: +SKIP
-        >>> splits.val.num_classes  # doctest: +SKIP
-        16
+        >>> import pickle, tempfile, numpy as np
+        >>> root = tempfile.mkdtemp()  # a tiny copy in the pickle form: 2 classes x 3 images
+        >>> for name in ("train", "validation", "test"):
+        ...     data = {"image_data": np.zeros((6, 84, 84, 3), np.uint8),
+        ...             "class_dict": {f"n0{name}{c}": [3 * c, 3 * c + 1, 3 * c + 2]
+        ...                            for c in range(2)}}
+        ...     with open(f"{root}/mini-imagenet-cache-{name}.pkl", "wb") as f:
+        ...         pickle.dump(data, f)
+        >>> load_mini_imagenet(root, use_cache=False).val.num_classes
+        2
+        >>> try:  # strict=True insists on the standard 64/16/20 classes of 600 images
+        ...     load_mini_imagenet(root, strict=True, use_cache=False)
+        ... except ValueError:
+        ...     print("not the standard split")
+        not the standard split
     """
 
     def one(split: str) -> FewShotDataset:

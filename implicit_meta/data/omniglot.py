@@ -40,8 +40,8 @@ class OmniglotSplits:
         image_size: Height and width of the images.
 
     Example:
-        >>> splits = load_omniglot()  # doctest: +SKIP
-        >>> splits.train.num_classes, splits.test.num_classes  # doctest: +SKIP
+        >>> splits = load_omniglot()
+        >>> splits.train.num_classes, splits.test.num_classes
         (4800, 423)
     """
 
@@ -125,8 +125,8 @@ def load_omniglot_characters(
         ValueError: If ``image_size`` is not positive or the copy is malformed.
 
     Example:
-        >>> chars = load_omniglot_characters()  # doctest: +SKIP
-        >>> chars.num_classes, chars.images_per_class  # doctest: +SKIP
+        >>> chars = load_omniglot_characters()
+        >>> chars.num_classes, chars.images_per_class
         (1623, 20)
     """
     images, ids = _characters(root, image_size, cache_dir, use_cache)
@@ -185,8 +185,8 @@ def load_omniglot(
             empty for the characters present.
 
     Example:
-        >>> splits = load_omniglot(protocol="lake", rotations=False)  # doctest: +SKIP
-        >>> splits.train.num_classes, splits.test.num_classes  # doctest: +SKIP
+        >>> splits = load_omniglot(protocol="lake", rotations=False)
+        >>> splits.train.num_classes, splits.test.num_classes
         (964, 659)
     """
     split = omniglot_character_split(protocol, val_classes=val_classes)

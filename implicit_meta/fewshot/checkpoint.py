@@ -154,9 +154,17 @@ def load_checkpoint(
         CheckpointError: If the file is not a checkpoint of this format.
 
     Example:
-        >>> state = load_checkpoint("runs/omniglot/checkpoint.pt")  # doctest: +SKIP
-        >>> state["step"]  # doctest: +SKIP
-        350
+        >>> import tempfile, warnings
+        >>> from implicit_meta.fewshot import TrainConfig, train
+        >>> warnings.simplefilter("ignore")  # curvature warnings of an untrained model
+        >>> config = TrainConfig(backbone="conv4-8", ways=3, shots=1, queries=2,
+        ...                      inner_steps=2, cg_steps=2, meta_batch=2, meta_steps=2,
+        ...                      eval_episodes=4, threads=1, device="cpu")
+        >>> out = tempfile.mkdtemp()
+        >>> result = train(config, out, progress=False)
+        >>> state = load_checkpoint(f"{out}/checkpoint.pt")
+        >>> state["step"]
+        2
     """
     source = Path(path)
     if not source.is_file():

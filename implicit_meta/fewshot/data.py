@@ -50,8 +50,8 @@ def load_splits(dataset: str, root: str | None = None, protocol: str = "paper") 
         FileNotFoundError: If ``root`` lacks the dataset's files.
 
     Example:
-        >>> splits = load_splits("omniglot")  # doctest: +SKIP
-        >>> splits.train.num_classes, splits.test.num_classes  # doctest: +SKIP
+        >>> splits = load_splits("omniglot")
+        >>> splits.train.num_classes, splits.test.num_classes
         (4800, 423)
     """
     return _load_splits(dataset, root, protocol)

@@ -144,8 +144,18 @@ def episode_accuracies(
         ValueError: If ``episodes`` is negative.
 
     Example:
-        >>> values = episode_accuracies(meta, test_sampler, 300)  # doctest: +SKIP
-        >>> EvaluationResult.from_accuracies(values, 5, 1).summary()  # doctest: +SKIP
+        >>> import torch, warnings
+        >>> import implicit_meta as im
+        >>> from implicit_meta.data import EpisodeSampler, load_omniglot
+        >>> from implicit_meta.models import build_backbone
+        >>> warnings.simplefilter("ignore")  # curvature warnings of an untrained model
+        >>> test_sampler = EpisodeSampler(load_omniglot().test, 3, 1, 2, seed=0)
+        >>> model = build_backbone("conv4-8", num_classes=3, in_channels=1, image_size=28)
+        >>> meta = im.ImplicitMetaOptimizer(model, torch.optim.Adam(model.parameters()),
+        ...                                 inner_steps=2, cg_steps=1)
+        >>> values = episode_accuracies(meta, test_sampler, 4)
+        >>> len(values), all(0.0 <= v <= 1.0 for v in values)
+        (4, True)
     """
     if episodes < 0:
         raise ValueError(f"episodes must be non-negative, got {episodes}")
@@ -194,8 +204,18 @@ def evaluate_episodes(
         ValueError: If ``episodes`` is not positive.
 
     Example:
-        >>> result = evaluate_episodes(meta, test_sampler, 600)  # doctest: +SKIP
-        >>> print(result.summary())  # doctest: +SKIP
+        >>> import torch, warnings
+        >>> import implicit_meta as im
+        >>> from implicit_meta.data import EpisodeSampler, load_omniglot
+        >>> from implicit_meta.models import build_backbone
+        >>> warnings.simplefilter("ignore")  # curvature warnings of an untrained model
+        >>> test_sampler = EpisodeSampler(load_omniglot().test, 3, 1, 2, seed=0)
+        >>> model = build_backbone("conv4-8", num_classes=3, in_channels=1, image_size=28)
+        >>> meta = im.ImplicitMetaOptimizer(model, torch.optim.Adam(model.parameters()),
+        ...                                 inner_steps=2, cg_steps=1)
+        >>> result = evaluate_episodes(meta, test_sampler, 4)
+        >>> result.episodes, 0.0 <= result.accuracy <= 1.0
+        (4, True)
     """
     if episodes < 1:
         raise ValueError(f"episodes must be positive, got {episodes}")

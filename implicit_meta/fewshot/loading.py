@@ -44,13 +44,23 @@ def load_meta_model(
         DeviceUnavailableError: If CUDA is requested but absent.
 
     Example:
-        >>> import torch.nn.functional as F
+        >>> import tempfile, warnings
+        >>> from implicit_meta.fewshot import TrainConfig, train
+        >>> warnings.simplefilter("ignore")  # curvature warnings of an untrained model
+        >>> config = TrainConfig(backbone="conv4-8", ways=3, shots=1, queries=2,
+        ...                      inner_steps=2, cg_steps=2, meta_batch=2, meta_steps=2,
+        ...                      eval_episodes=0, threads=1, device="cpu")
+        >>> out = tempfile.mkdtemp()
+        >>> _ = train(config, out, progress=False)
+        >>> import torch, torch.nn.functional as F
         >>> from implicit_meta.fewshot import build_meta_optimizer, load_meta_model
-        >>> model, config = load_meta_model("runs/default/checkpoint.pt")  # doctest: +SKIP
-        >>> meta = build_meta_optimizer(model, config)  # doctest: +SKIP
+        >>> model, config = load_meta_model(f"{out}/checkpoint.pt")
+        >>> meta = build_meta_optimizer(model, config)
         >>> loss = lambda m, batch: F.cross_entropy(m(batch[0]), batch[1])
-        >>> adapted = meta.adapt(loss, (support_images, support_labels))  # doctest: +SKIP
-        >>> predictions = adapted(query_images).argmax(dim=-1)  # doctest: +SKIP
+        >>> support_images, support_labels = torch.rand(3, 1, 28, 28), torch.arange(3)
+        >>> adapted = meta.adapt(loss, (support_images, support_labels))
+        >>> adapted(torch.rand(6, 1, 28, 28)).argmax(dim=-1).shape
+        torch.Size([6])
     """
     target = resolve_device(device) if isinstance(device, str) else torch.device(device)
     state = load_checkpoint(checkpoint_path, map_location="cpu")
@@ -96,8 +106,17 @@ def evaluate_checkpoint(
         ValueError: If ``episodes`` is not positive.
 
     Example:
-        >>> result, _ = evaluate_checkpoint("runs/default/checkpoint.pt")  # doctest: +SKIP
-        >>> print(result.summary())  # doctest: +SKIP
+        >>> import tempfile, warnings
+        >>> from implicit_meta.fewshot import TrainConfig, train
+        >>> warnings.simplefilter("ignore")  # curvature warnings of an untrained model
+        >>> config = TrainConfig(backbone="conv4-8", ways=3, shots=1, queries=2,
+        ...                      inner_steps=2, cg_steps=2, meta_batch=2, meta_steps=2,
+        ...                      eval_episodes=0, threads=1, device="cpu")
+        >>> out = tempfile.mkdtemp()
+        >>> _ = train(config, out, progress=False)
+        >>> result, _ = evaluate_checkpoint(f"{out}/checkpoint.pt", episodes=3, threads=1)
+        >>> result.episodes
+        3
     """
     if episodes < 1:
         raise ValueError(f"episodes must be positive, got {episodes}")

@@ -72,9 +72,16 @@ class TrainResult:
         evaluation: The held-out evaluation, or None if ``eval_episodes`` was 0.
 
     Example:
-        >>> result = train(TrainConfig(), "runs/default")  # doctest: +SKIP
-        >>> result.stopped_by, result.evaluation.accuracy > 0.7  # doctest: +SKIP
-        ('time_budget', True)
+        >>> import tempfile, warnings
+        >>> from implicit_meta.fewshot import TrainConfig, train
+        >>> warnings.simplefilter("ignore")  # curvature warnings of an untrained model
+        >>> config = TrainConfig(backbone="conv4-8", ways=3, shots=1, queries=2,
+        ...                      inner_steps=2, cg_steps=2, meta_batch=2, meta_steps=2,
+        ...                      eval_episodes=4, threads=1, device="cpu")
+        >>> out = tempfile.mkdtemp()
+        >>> result = train(config, out, progress=False)
+        >>> result.stopped_by, result.step, result.evaluation.episodes
+        ('meta_steps', 2, 4)
     """
 
     out_dir: Path
@@ -280,9 +287,16 @@ def train(
         implicit_meta.fewshot.DeviceUnavailableError: If CUDA is requested but absent.
 
     Example:
+        >>> import tempfile, warnings
         >>> from implicit_meta.fewshot import TrainConfig, train
-        >>> result = train(TrainConfig(meta_steps=20), "runs/quick")  # doctest: +SKIP
-        >>> print(result.evaluation.summary())  # doctest: +SKIP
+        >>> warnings.simplefilter("ignore")  # curvature warnings of an untrained model
+        >>> config = TrainConfig(backbone="conv4-8", ways=3, shots=1, queries=2,
+        ...                      inner_steps=2, cg_steps=2, meta_batch=2, meta_steps=2,
+        ...                      eval_episodes=4, threads=1, device="cpu")
+        >>> out = tempfile.mkdtemp()
+        >>> result = train(config, out, progress=False)
+        >>> sorted(p.name for p in result.out_dir.iterdir())[:3]
+        ['checkpoint.pt', 'config.json', 'curves.png']
     """
     # Checked before joining the group: every rank raises the same error at once instead of
     # some ranks waiting forever for others.
