@@ -18,12 +18,7 @@ from implicit_meta._module import LossFn, check_batch, functional_loss, split_st
 from implicit_meta.functional._tree import Params
 from implicit_meta.functional.cg import CGStatus
 from implicit_meta.functional.hvp import resolve_hvp_mode
-from implicit_meta.functional.implicit import (
-    TaskGradient,
-    check_solver_output,
-    proximal_objective,
-    task_meta_gradient,
-)
+from implicit_meta.functional.implicit import TaskGradient, solve_inner, task_meta_gradient
 from implicit_meta.result import MetaBackwardResult
 from implicit_meta.solvers.registry import get_inner_solver, registered_name
 from implicit_meta.solvers.torch_optim import torch_optimizer_solver
@@ -565,18 +560,18 @@ class ImplicitMetaOptimizer:
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
         check_batch(support, "support")
-        theta, frozen, buffers = split_state(self.model)
-        if not theta:
-            raise ValueError("the model has no trainable parameters (none has requires_grad=True)")
+        theta, frozen, buffers = self._split_checked()
         inner_loss = functional_loss(self.model, loss_fn, support, frozen, buffers, "loss_fn")
-        inner_loss(theta)
-        objective = proximal_objective(inner_loss, theta, self.reg)
-        start = {k: v.clone() for k, v in theta.items()}
-        phi = self._solver(
-            objective, start, steps=self.inner_steps, lr=self.inner_lr, **self.inner_options
+        phi = solve_inner(
+            inner_loss,
+            theta,
+            self._solver,
+            reg=self.reg,
+            steps=self.inner_steps,
+            lr=self.inner_lr,
+            solver_options=self.inner_options,
         )
-        check_solver_output(phi, theta)
-        value = inner_loss({k: v.detach() for k, v in phi.items()})
+        value = inner_loss(phi)
         if not bool(torch.isfinite(value)):
             raise ValueError(
                 f"the inner loss is not finite ({float(value)}) at the adapted parameters"

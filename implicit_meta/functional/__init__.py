@@ -19,6 +19,7 @@ from implicit_meta.functional.implicit import (
     TaskGradient,
     implicit_meta_gradient,
     proximal_objective,
+    solve_inner,
     task_meta_gradient,
 )
 
@@ -35,6 +36,7 @@ __all__ = [
     "make_hvp",
     "proximal_objective",
     "resolve_hvp_mode",
+    "solve_inner",
     "task_meta_gradient",
     "value_grad_and_hvp",
 ]

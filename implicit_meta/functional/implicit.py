@@ -147,6 +147,48 @@ def check_solver_output(phi: object, theta: Params) -> None:
             )
 
 
+def solve_inner(
+    inner_loss: ScalarFn,
+    theta: Params,
+    solver: InnerSolverFn,
+    *,
+    reg: float,
+    steps: int,
+    lr: float,
+    solver_options: dict[str, object] | None = None,
+) -> Params:
+    """Run ``solver`` on the proximal objective from a copy of ``theta``; return detached ``phi``.
+
+    Args:
+        inner_loss: ``L_in`` as a function of a parameter dict.
+        theta: Meta-parameters (the start, and the proximal anchor).
+        solver: Inner solver ``solver(objective, params, *, steps, lr, **options) -> params``.
+        reg: Proximal regularisation strength ``lambda > 0``.
+        steps: Inner steps passed to the solver.
+        lr: Inner learning rate passed to the solver.
+        solver_options: Extra keyword arguments for the solver.
+
+    Returns:
+        The adapted parameters, detached, keyed like ``theta``.
+
+    Raises:
+        ValueError: If the solver returns other keys or shapes than ``theta``'s.
+
+    Example:
+        >>> import torch
+        >>> from implicit_meta.solvers import get_inner_solver
+        >>> L = lambda p: 0.5 * (p["w"] ** 2).sum()
+        >>> solve_inner(L, {"w": torch.ones(2)}, get_inner_solver("lbfgs"), reg=1.0, steps=20,
+        ...             lr=1.0)["w"]
+        tensor([0.5000, 0.5000])
+    """
+    objective = proximal_objective(inner_loss, theta, reg)
+    start = {k: v.clone() for k, v in theta.items()}
+    phi = solver(objective, start, steps=steps, lr=lr, **(solver_options or {}))
+    check_solver_output(phi, theta)
+    return {k: phi[k].detach() for k in theta}
+
+
 class TaskGradient(NamedTuple):
     """Meta-gradient and diagnostics of one task, all tensors (no host sync).
 
@@ -218,11 +260,9 @@ def task_meta_gradient(
     if not reg > 0:
         raise ValueError(f"reg must be positive, got {reg}")
     theta = {k: v.detach() for k, v in theta.items()}
-    objective = proximal_objective(inner_loss, theta, reg)
-    start = {k: v.clone() for k, v in theta.items()}
-    phi = solver(objective, start, steps=steps, lr=lr, **(solver_options or {}))
-    check_solver_output(phi, theta)
-    phi = {k: phi[k].detach() for k in theta}
+    phi = solve_inner(
+        inner_loss, theta, solver, reg=reg, steps=steps, lr=lr, solver_options=solver_options
+    )
 
     # The outer gradient first: its activations are freed before the inner gradient's graph is
     # built and held through CG, so the peak is the larger of the two, not their sum.

@@ -13,7 +13,7 @@ import torch
 
 from implicit_meta.functional._tree import Params, tree_axpy, tree_dot, tree_norm, tree_scale
 from implicit_meta.functional.cg import conjugate_gradient
-from implicit_meta.functional.hvp import make_hvp
+from implicit_meta.functional.hvp import value_grad_and_hvp
 from implicit_meta.solvers.registry import Objective, inner_solver
 
 
@@ -67,9 +67,10 @@ def newton_cg(
     if line_search_steps < 1:
         raise ValueError(f"newton_cg line_search_steps must be at least 1, got {line_search_steps}")
     for _ in range(steps):
-        gradient, hvp_fn = make_hvp(objective, params, mode=hvp_mode)
+        # The value comes out of the gradient's forward pass: no extra evaluation per step.
+        value, gradient, hvp_fn = value_grad_and_hvp(objective, params, mode=hvp_mode)
         gradient = {k: v.detach() for k, v in gradient.items()}
-        value = objective(params).detach()
+        value = value.detach()
         grad_norm = tree_norm(gradient)
         forcing = torch.clamp(grad_norm, max=0.5)
         neg_grad = tree_scale(-1.0, gradient)
