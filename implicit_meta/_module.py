@@ -12,12 +12,17 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
 from implicit_meta.functional._tree import Params
 
-LossFn = Callable[[nn.Module, Any], Tensor]
-"""A user's loss: ``loss_fn(module, batch) -> scalar tensor``."""
+LossFn = Callable[[nn.Module, Any], Any]
+"""A user's loss: ``loss_fn(module, batch) -> scalar tensor``, or ``-> (scalar tensor, aux)``.
+
+``aux`` is a tensor or a dict, tuple or list of tensors (query accuracy, say): the meta-optimizer
+reports the one computed on the query batch at the adapted parameters, and ignores it elsewhere.
+"""
 
 _PREFIX = "model."
 
@@ -28,7 +33,7 @@ class _LossModule(nn.Module):
         self.model = model
         self.loss_fn = loss_fn
 
-    def forward(self, batch: Any) -> Tensor:
+    def forward(self, batch: Any) -> Any:
         return self.loss_fn(self.model, batch)
 
 
@@ -64,7 +69,10 @@ def check_scalar_loss(value: object, what: str) -> Tensor:
         ValueError: If it is not a 0-dim floating-point tensor.
     """
     if not isinstance(value, Tensor):
-        raise TypeError(f"{what} must return a scalar tensor, got {type(value).__name__}")
+        raise TypeError(
+            f"{what} must return a scalar tensor or a (scalar tensor, aux) pair, "
+            f"got {type(value).__name__}"
+        )
     if value.dim() != 0:
         raise ValueError(
             f"{what} must return a scalar (0-dim) tensor, got shape {tuple(value.shape)}; "
@@ -75,6 +83,80 @@ def check_scalar_loss(value: object, what: str) -> Tensor:
     return value
 
 
+def split_loss_and_aux(value: object, what: str) -> tuple[Tensor, Any]:
+    """Split what a loss function returned into the checked scalar loss and its aux output.
+
+    Args:
+        value: A scalar tensor, or a ``(scalar tensor, aux)`` pair.
+        what: Name of the loss, for the message.
+
+    Returns:
+        ``(loss, aux)`` with ``aux`` detached; ``aux`` is ``{}`` when the loss returned none.
+
+    Raises:
+        TypeError: If the loss is not a tensor, or ``aux`` holds something other than tensors.
+        ValueError: If the loss is not a 0-dim floating-point tensor.
+
+    Example:
+        >>> import torch
+        >>> loss, aux = split_loss_and_aux((torch.tensor(1.0), {"acc": torch.tensor(0.5)}), "f")
+        >>> aux
+        {'acc': tensor(0.5000)}
+    """
+    if isinstance(value, tuple) and len(value) == 2:
+        loss, aux = value
+    else:
+        loss, aux = value, {}
+    leaves = pytree.tree_leaves(aux)
+    wrong = [type(leaf).__name__ for leaf in leaves if not isinstance(leaf, Tensor)]
+    if wrong:
+        raise TypeError(
+            f"the aux output of {what} must hold only tensors (a tensor, or a dict, tuple or "
+            f"list of tensors), got {wrong[0]}"
+        )
+    detached = pytree.tree_map(lambda t: t.detach(), aux)
+    return check_scalar_loss(loss, what), detached
+
+
+def functional_loss_and_aux(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batch: Any,
+    frozen: Mapping[str, Tensor],
+    buffers: Mapping[str, Tensor],
+    what: str = "loss_fn",
+) -> Callable[[Params], tuple[Tensor, Any]]:
+    """``phi -> (loss, aux)`` of ``loss_fn(model at phi, batch)``, a pure function of ``phi``.
+
+    Buffers are cloned inside every call: in-place updates (BatchNorm running statistics) land in
+    the clones, which are thrown away, so the model's buffers never change and the function stays
+    pure under ``torch.func`` transforms.
+
+    Args:
+        model: The module to evaluate.
+        loss_fn: ``loss_fn(module, batch) -> scalar tensor`` or ``-> (scalar tensor, aux)``.
+        batch: Passed to ``loss_fn`` unchanged.
+        frozen: Parameters that are not adapted (``requires_grad=False``), used as constants.
+        buffers: Buffers to start every evaluation from.
+        what: Name of the loss, for error messages.
+
+    Returns:
+        A function of a parameter dict returning the scalar loss and the detached aux output
+        (``{}`` when ``loss_fn`` returns a bare tensor).
+    """
+    wrapper = _LossModule(model, loss_fn)
+    constants = {_PREFIX + k: v for k, v in frozen.items()}
+
+    def loss_and_aux(params: Params) -> tuple[Tensor, Any]:
+        state: dict[str, Tensor] = {_PREFIX + k: v for k, v in params.items()}
+        state.update(constants)
+        state.update({_PREFIX + k: v.clone() for k, v in buffers.items()})
+        value = torch.func.functional_call(wrapper, state, (batch,), strict=False)
+        return split_loss_and_aux(value, what)
+
+    return loss_and_aux
+
+
 def functional_loss(
     model: nn.Module,
     loss_fn: LossFn,
@@ -83,32 +165,23 @@ def functional_loss(
     buffers: Mapping[str, Tensor],
     what: str = "loss_fn",
 ) -> Callable[[Params], Tensor]:
-    """``phi -> loss_fn(model at phi, batch)``, a pure function of the trainable parameters.
-
-    Buffers are cloned inside every call: in-place updates (BatchNorm running statistics) land in
-    the clones, which are thrown away, so the model's buffers never change and the function stays
-    pure under ``torch.func`` transforms.
+    """``phi -> loss_fn(model at phi, batch)``, the scalar loss alone (any aux is dropped).
 
     Args:
         model: The module to evaluate.
-        loss_fn: ``loss_fn(module, batch) -> scalar tensor``.
+        loss_fn: ``loss_fn(module, batch) -> scalar tensor`` or ``-> (scalar tensor, aux)``.
         batch: Passed to ``loss_fn`` unchanged.
         frozen: Parameters that are not adapted (``requires_grad=False``), used as constants.
-        buffers: Buffers to start every evaluation from.
+        buffers: Buffers to start every evaluation from (see :func:`functional_loss_and_aux`).
         what: Name of the loss, for error messages.
 
     Returns:
         A scalar function of a parameter dict.
     """
-    wrapper = _LossModule(model, loss_fn)
-    constants = {_PREFIX + k: v for k, v in frozen.items()}
+    loss_and_aux = functional_loss_and_aux(model, loss_fn, batch, frozen, buffers, what)
 
     def loss(params: Params) -> Tensor:
-        state: dict[str, Tensor] = {_PREFIX + k: v for k, v in params.items()}
-        state.update(constants)
-        state.update({_PREFIX + k: v.clone() for k, v in buffers.items()})
-        value = torch.func.functional_call(wrapper, state, (batch,), strict=False)
-        return check_scalar_loss(value, what)
+        return loss_and_aux(params)[0]
 
     return loss
 

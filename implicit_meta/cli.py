@@ -28,6 +28,7 @@ from implicit_meta.fewshot.config import (
     DEVICES,
     LR_SCHEDULES,
     PROTOCOLS,
+    TASK_STRATEGIES,
     TrainConfig,
 )
 from implicit_meta.fewshot.device import DeviceUnavailableError
@@ -101,6 +102,15 @@ def _add_train(subparsers: Any) -> None:
             f"meta-steps, whichever ends the run, or constant (default: {_DEFAULTS.lr_schedule})"
         ),
     )
+    parser.add_argument(
+        "--task-strategy",
+        dest="task_strategy",
+        choices=TASK_STRATEGIES,
+        help=(
+            "solve a meta-batch's tasks vectorised (vmap) or one after another (loop); auto: "
+            f"vmap on CUDA, on the CPU by inner steps (default: {_DEFAULTS.task_strategy})"
+        ),
+    )
     for flag, field, kind, text in _TRAIN_FLAGS:
         parser.add_argument(
             flag,
@@ -171,6 +181,7 @@ def _train_config(args: argparse.Namespace, out: Path) -> TrainConfig:
         "protocol",
         "device",
         "lr_schedule",
+        "task_strategy",
     }
     given = {k: v for k, v in vars(args).items() if k in fields}
     if getattr(args, "resume", False):

@@ -14,7 +14,13 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from implicit_meta._batch import select_task, task_count, task_in_dims
-from implicit_meta._module import LossFn, check_batch, functional_loss, split_state
+from implicit_meta._module import (
+    LossFn,
+    check_batch,
+    functional_loss,
+    functional_loss_and_aux,
+    split_state,
+)
 from implicit_meta.functional._tree import Params
 from implicit_meta.functional.cg import CGStatus
 from implicit_meta.functional.hvp import resolve_hvp_mode
@@ -106,6 +112,7 @@ def _result(tasks: TaskGradient) -> MetaBackwardResult:
         cg_residual=tasks.cg.residual_norm.detach(),
         cg_iterations=tasks.cg.iterations,
         cg_status=tasks.cg.status,
+        outer_aux=tasks.outer_aux,
     )
 
 
@@ -322,10 +329,14 @@ class ImplicitMetaOptimizer:
 
         Args:
             loss_fn: ``loss_fn(module, batch) -> scalar tensor``; inside it, calling ``module``
-                evaluates the model at the current inner parameters.
+                evaluates the model at the current inner parameters. It may also return
+                ``(loss, aux)``, ``aux`` a tensor or a dict, tuple or list of tensors: the
+                ``aux`` of the query batch at the adapted parameters is reported as
+                ``result.outer_aux`` (computed in the outer gradient's own forward pass).
             support: The task's support (inner) batch, passed to ``loss_fn``.
             query: The task's query (outer) batch.
-            outer_loss_fn: Loss on the query batch, if it differs from ``loss_fn``.
+            outer_loss_fn: Loss on the query batch, if it differs from ``loss_fn``; it may
+                return ``(loss, aux)`` too.
 
         Returns:
             The task's losses and diagnostics (see :class:`MetaBackwardResult`).
@@ -382,7 +393,8 @@ class ImplicitMetaOptimizer:
         buffers, and nothing is written into the model.
 
         Args:
-            loss_fn: ``loss_fn(module, batch) -> scalar tensor`` for a single task's batch.
+            loss_fn: ``loss_fn(module, batch) -> scalar tensor`` (or ``(loss, aux)``, see
+                :meth:`meta_backward`) for a single task's batch.
             support: Support batches of all tasks, tensors shaped ``[T, ...]``.
             query: Query batches of all tasks, tensors shaped ``[T, ...]``.
             reduction: ``"mean"`` or ``"sum"`` over tasks for the accumulated gradient.
@@ -390,7 +402,8 @@ class ImplicitMetaOptimizer:
             strategy: ``"auto"``, ``"vmap"`` or ``"loop"``.
 
         Returns:
-            Per-task diagnostics: every field of :class:`MetaBackwardResult` has shape ``[T]``.
+            Per-task diagnostics: every field of :class:`MetaBackwardResult` has shape ``[T]``
+            (each tensor of ``outer_aux`` gets a leading ``T``).
 
         Raises:
             ValueError: For an unknown reduction or strategy, batches without a consistent task
@@ -466,7 +479,7 @@ class ImplicitMetaOptimizer:
 
         def one_task(support: Any, query: Any, buffers: Params, theta: Params) -> TaskGradient:
             inner_loss = functional_loss(self.model, loss_fn, support, frozen, buffers, "loss_fn")
-            outer_loss = functional_loss(
+            outer_loss = functional_loss_and_aux(
                 self.model, outer_loss_fn or loss_fn, query, frozen, buffers, outer_name
             )
             return task_meta_gradient(
@@ -481,6 +494,7 @@ class ImplicitMetaOptimizer:
                 cg_tol=self.cg_tol,
                 hvp_mode=self.hvp,
                 solver_options=self.inner_options,
+                has_aux=True,
             )
 
         return one_task

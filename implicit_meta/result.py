@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from torch import Tensor
 
@@ -21,6 +22,8 @@ class MetaBackwardResult:
         cg_residual: ``||b - (I + H/reg) x||`` of the returned meta-gradient ``x``.
         cg_iterations: CG iterations that updated the solution.
         cg_status: A :class:`~implicit_meta.functional.CGStatus` value as an int64 tensor.
+        outer_aux: What the outer loss returned beside the loss, ``loss_fn(module, query) ->
+            (loss, aux)``, at the adapted parameters (detached); ``{}`` for a bare loss.
 
     Example:
         >>> import torch
@@ -35,6 +38,7 @@ class MetaBackwardResult:
     cg_residual: Tensor
     cg_iterations: Tensor
     cg_status: Tensor
+    outer_aux: Any = field(default_factory=dict)
 
     @property
     def status(self) -> CGStatus | list[CGStatus]:
@@ -44,10 +48,12 @@ class MetaBackwardResult:
         return [CGStatus(int(s)) for s in self.cg_status.flatten().tolist()]
 
     def to_dict(self) -> dict[str, float | int | str]:
-        """Plain Python numbers for logging (one host sync); batched values are averaged.
+        """Plain Python numbers for logging; batched values are averaged.
 
         Returns:
-            A dict with the same keys as the attributes; the status as its name.
+            The attributes but ``outer_aux`` by name, the status as its name; a dict
+            ``outer_aux`` contributes its entries (averaged) under their own names, prefixed
+            ``aux.`` where a name is taken, and other forms of ``outer_aux`` are left out.
 
         Example:
             >>> import torch
@@ -57,7 +63,7 @@ class MetaBackwardResult:
         """
         status = self.status
         names = [s.name for s in status] if isinstance(status, list) else [status.name]
-        return {
+        values: dict[str, float | int | str] = {
             "outer_loss": float(self.outer_loss.float().mean()),
             "inner_loss": float(self.inner_loss.float().mean()),
             "stationarity": float(self.stationarity.float().mean()),
@@ -65,3 +71,9 @@ class MetaBackwardResult:
             "cg_iterations": int(self.cg_iterations.max()),
             "cg_status": names[0] if len(set(names)) == 1 else ",".join(sorted(set(names))),
         }
+        if isinstance(self.outer_aux, dict):
+            for key, value in self.outer_aux.items():
+                if isinstance(value, Tensor):
+                    name = f"aux.{key}" if key in values else str(key)
+                    values[name] = float(value.float().mean())
+        return values

@@ -42,6 +42,7 @@ def test_round_trip_through_plain_dict() -> None:
         ({"device": "tpu"}, "device"),
         ({"backbone": ""}, "backbone"),
         ({"lr_schedule": "linear"}, "lr_schedule"),
+        ({"task_strategy": "threads"}, "task_strategy"),
     ],
 )
 def test_invalid_values_raise(changes: dict[str, object], match: str) -> None:

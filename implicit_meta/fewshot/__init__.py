@@ -22,6 +22,7 @@ from implicit_meta.fewshot.config import (
     LR_SCHEDULES,
     PROTOCOLS,
     RESUMABLE_FIELDS,
+    TASK_STRATEGIES,
     TrainConfig,
     meta_lr_at,
 )
@@ -46,7 +47,7 @@ from implicit_meta.fewshot.meta_batch import (
 )
 from implicit_meta.fewshot.metrics import MetricsLog, read_metrics
 from implicit_meta.fewshot.plots import plot_curves
-from implicit_meta.fewshot.tasks import QueryRecorder, accuracy, cross_entropy
+from implicit_meta.fewshot.tasks import accuracy, cross_entropy, cross_entropy_and_accuracy
 from implicit_meta.fewshot.trainer import (
     CHECKPOINT_NAME,
     CURVES_NAME,
@@ -68,13 +69,13 @@ __all__ = [
     "METRICS_NAME",
     "PROTOCOLS",
     "RESUMABLE_FIELDS",
+    "TASK_STRATEGIES",
     "CheckpointError",
     "DeviceUnavailableError",
     "EvaluationResult",
     "FewShotSplits",
     "MetaBatchStats",
     "MetricsLog",
-    "QueryRecorder",
     "TrainConfig",
     "TrainResult",
     "accuracy",
@@ -86,6 +87,7 @@ __all__ = [
     "confidence_interval",
     "configure_threads",
     "cross_entropy",
+    "cross_entropy_and_accuracy",
     "episode_accuracies",
     "evaluate_checkpoint",
     "evaluate_episodes",

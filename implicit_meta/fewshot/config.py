@@ -14,6 +14,7 @@ __all__ = [
     "LR_SCHEDULES",
     "PROTOCOLS",
     "RESUMABLE_FIELDS",
+    "TASK_STRATEGIES",
     "TrainConfig",
     "meta_lr_at",
 ]
@@ -30,6 +31,10 @@ DEVICES = ("auto", "cpu", "cuda")
 LR_SCHEDULES = ("cosine", "constant")
 """Meta-learning-rate schedules (see :func:`meta_lr_at`)."""
 
+TASK_STRATEGIES = ("auto", "vmap", "loop")
+"""How a meta-batch's tasks are solved (see
+:meth:`~implicit_meta.ImplicitMetaOptimizer.meta_backward_batch`)."""
+
 RESUMABLE_FIELDS = frozenset(
     {
         "meta_steps",
@@ -40,6 +45,7 @@ RESUMABLE_FIELDS = frozenset(
         "log_every",
         "checkpoint_every",
         "root",
+        "task_strategy",
     }
 )
 """Fields that may differ between a checkpoint and the run that resumes it.
@@ -91,6 +97,9 @@ class TrainConfig:
             processes; see :func:`~implicit_meta.fewshot.configure_threads`).
         log_every: Meta-steps between entries of ``metrics.jsonl``.
         checkpoint_every: Meta-steps between checkpoints (one is always written at the end).
+        task_strategy: How the tasks of a meta-batch are solved: ``"vmap"`` (vectorised over
+            tasks), ``"loop"`` (one after another) or ``"auto"`` (vmap on CUDA; on the CPU the
+            loop for short inner loops); the meta-gradient is the same up to rounding.
 
     Example:
         >>> config = TrainConfig(shots=1, meta_steps=10)
@@ -121,6 +130,7 @@ class TrainConfig:
     threads: int = 0
     log_every: int = 10
     checkpoint_every: int = 50
+    task_strategy: str = "auto"
 
     def __post_init__(self) -> None:
         """Validate every field.
@@ -145,6 +155,7 @@ class TrainConfig:
         _check_choice("protocol", self.protocol, PROTOCOLS)
         _check_choice("device", self.device, DEVICES)
         _check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        _check_choice("task_strategy", self.task_strategy, TASK_STRATEGIES)
         for name in ("ways", "shots", "meta_batch", "cg_steps", "log_every", "checkpoint_every"):
             _check_min(name, getattr(self, name), 1)
         for name in ("queries", "inner_steps", "meta_steps", "eval_episodes", "seed", "threads"):
@@ -277,6 +288,7 @@ _FIELD_TYPES: dict[str, type] = {
     "meta_steps": int,
     "meta_lr": float,
     "lr_schedule": str,
+    "task_strategy": str,
     "time_budget": float,
     "eval_episodes": int,
     "seed": int,

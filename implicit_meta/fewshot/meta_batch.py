@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from implicit_meta.data import EpisodeBatch
-from implicit_meta.fewshot.tasks import QueryRecorder, cross_entropy
+from implicit_meta.fewshot.tasks import cross_entropy, cross_entropy_and_accuracy
 from implicit_meta.optimizer import ImplicitMetaOptimizer
 
 __all__ = ["MetaBatchStats", "meta_backward_episodes", "meta_train_step"]
@@ -63,18 +63,22 @@ class MetaBatchStats:
         return ("outer_loss", "query_accuracy", "inner_loss", "stationarity", "cg_residual")
 
 
-def meta_backward_episodes(meta: ImplicitMetaOptimizer, batch: EpisodeBatch) -> MetaBatchStats:
+def meta_backward_episodes(
+    meta: ImplicitMetaOptimizer, batch: EpisodeBatch, strategy: str = "auto"
+) -> MetaBatchStats:
     """Accumulate the task-mean implicit meta-gradient of a meta-batch into ``p.grad``.
 
-    The inner and outer losses are the cross-entropy. Tasks are solved one after another with
-    :meth:`ImplicitMetaOptimizer.meta_backward`; the outer loss is scaled by ``1/T`` so the
-    accumulated gradient is the mean over the ``T`` tasks (this is the one call to swap for a
-    batched, vmapped meta-backward).
+    The inner and outer losses are the cross-entropy; the query accuracy at the adapted
+    parameters comes from the outer gradient's forward pass as aux output (see
+    :func:`~implicit_meta.fewshot.cross_entropy_and_accuracy`), so it costs no extra pass. The
+    tasks go through one :meth:`ImplicitMetaOptimizer.meta_backward_batch` call with
+    ``reduction="mean"``.
 
     Args:
         meta: The meta-optimizer of the model.
         batch: ``T`` episodes (``xs``, ``ys``, ``xq``, ``yq`` with a leading task dimension) on
             the model's device.
+        strategy: ``"auto"``, ``"vmap"`` or ``"loop"`` (see ``meta_backward_batch``).
 
     Returns:
         Task-averaged losses, accuracy and solver diagnostics.
@@ -90,34 +94,32 @@ def meta_backward_episodes(meta: ImplicitMetaOptimizer, batch: EpisodeBatch) -> 
         >>> 0.0 <= float(stats.query_accuracy) <= 1.0
         True
     """
-    tasks = len(batch)
-    recorder = QueryRecorder(scale=1.0 / tasks)
-    results = []
-    query_losses, query_accuracies = [], []
-    for t in range(tasks):
-        results.append(
-            meta.meta_backward(
-                cross_entropy, batch.support(t), batch.query(t), outer_loss_fn=recorder
-            )
-        )
-        # The last outer-loss evaluation of a task is the one at its adapted parameters.
-        query_losses.append(recorder.losses[-1])
-        query_accuracies.append(recorder.accuracies[-1])
+    result = meta.meta_backward_batch(
+        cross_entropy,
+        (batch.xs, batch.ys),
+        (batch.xq, batch.yq),
+        reduction="mean",
+        outer_loss_fn=cross_entropy_and_accuracy,
+        strategy=strategy,
+    )
     return MetaBatchStats(
-        outer_loss=torch.stack(query_losses).mean(),
-        query_accuracy=torch.stack(query_accuracies).mean(),
-        inner_loss=torch.stack([r.inner_loss for r in results]).mean(),
-        stationarity=torch.stack([r.stationarity for r in results]).mean(),
-        cg_residual=torch.stack([r.cg_residual for r in results]).mean(),
+        outer_loss=result.outer_loss.mean(),
+        query_accuracy=result.outer_aux["accuracy"].mean(),
+        inner_loss=result.inner_loss.mean(),
+        stationarity=result.stationarity.mean(),
+        cg_residual=result.cg_residual.mean(),
     )
 
 
-def meta_train_step(meta: ImplicitMetaOptimizer, batch: EpisodeBatch) -> MetaBatchStats:
+def meta_train_step(
+    meta: ImplicitMetaOptimizer, batch: EpisodeBatch, strategy: str = "auto"
+) -> MetaBatchStats:
     """One meta-step: clear gradients, accumulate the meta-batch's meta-gradient, step.
 
     Args:
         meta: The meta-optimizer of the model.
         batch: The meta-batch, on the model's device.
+        strategy: ``"auto"``, ``"vmap"`` or ``"loop"`` (see ``meta_backward_batch``).
 
     Returns:
         The meta-batch diagnostics (see :func:`meta_backward_episodes`).
@@ -132,6 +134,6 @@ def meta_train_step(meta: ImplicitMetaOptimizer, batch: EpisodeBatch) -> MetaBat
         >>> stats = meta_train_step(meta, EpisodeBatch(x, y, x, y, y))
     """
     meta.zero_grad()
-    stats = meta_backward_episodes(meta, batch)
+    stats = meta_backward_episodes(meta, batch, strategy)
     meta.step()
     return stats

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["Batch", "QueryRecorder", "accuracy", "cross_entropy"]
+__all__ = ["Batch", "accuracy", "cross_entropy", "cross_entropy_and_accuracy"]
 
 Batch = tuple[Tensor, Tensor]
 """An ``(images, labels)`` pair of one task's support or query set."""
@@ -47,45 +47,25 @@ def accuracy(logits: Tensor, labels: Tensor) -> Tensor:
     return (logits.argmax(dim=-1) == labels).to(torch.float32).mean()
 
 
-class QueryRecorder:
-    """An outer loss that also records the query loss and accuracy of each call.
+def cross_entropy_and_accuracy(module: nn.Module, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
+    """Cross-entropy of ``module`` on ``(x, y)`` with the accuracy as aux output: the outer loss.
 
-    ``meta_backward`` evaluates the outer loss once, at the adapted parameters, so the last
-    recorded value of a call is the task's query accuracy at ``phi*``, obtained without an extra
-    forward pass. The loss it returns is ``scale`` times the cross-entropy: a meta-batch of
-    ``T`` tasks passes ``scale = 1/T`` so the accumulated meta-gradient is the task mean (the
-    implicit gradient is linear in the outer loss). The recorded loss is unscaled.
-
-    Recorded values are detached tensors, so recording never forces a host sync.
+    The meta-optimizer reports the aux output of the query batch at the adapted parameters
+    (``result.outer_aux["accuracy"]``), from the outer gradient's own forward pass.
 
     Args:
-        scale: Factor applied to the returned loss.
+        module: Classifier returning logits ``[B, N]``.
+        batch: Images ``[B, ...]`` and int64 labels ``[B]``.
+
+    Returns:
+        The scalar loss and ``{"accuracy": 0-dim float32 tensor}``.
 
     Example:
-        >>> rec = QueryRecorder(scale=0.5)
-        >>> loss = rec(torch.nn.Identity(), (torch.tensor([[1.0, 0.0]]), torch.tensor([0])))
-        >>> float(rec.accuracies[-1]), bool(torch.isclose(loss, 0.5 * rec.losses[-1]))
-        (1.0, True)
+        >>> loss, aux = cross_entropy_and_accuracy(
+        ...     torch.nn.Identity(), (torch.tensor([[2.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 0])))
+        >>> float(aux["accuracy"])
+        0.5
     """
-
-    def __init__(self, scale: float = 1.0) -> None:
-        self.scale = scale
-        self.losses: list[Tensor] = []
-        self.accuracies: list[Tensor] = []
-
-    def __call__(self, module: nn.Module, batch: Batch) -> Tensor:
-        """Return ``scale`` times the cross-entropy and record the loss and the accuracy.
-
-        Args:
-            module: The classifier at the parameters being evaluated.
-            batch: The query ``(x, y)``.
-
-        Returns:
-            The scaled loss.
-        """
-        x, y = batch
-        logits = module(x)
-        loss = F.cross_entropy(logits, y)
-        self.losses.append(loss.detach())
-        self.accuracies.append(accuracy(logits.detach(), y))
-        return loss * self.scale
+    x, y = batch
+    logits = module(x)
+    return F.cross_entropy(logits, y), {"accuracy": accuracy(logits.detach(), y)}

@@ -514,7 +514,8 @@ def _meta_train(run: _Run, log: MetricsLog | None, checkpoint_path: Path, progre
                 stopped_by = "time_budget"
                 break
             lr = _set_lr(run)
-            stats = meta_train_step(run.meta, run.sampler.sample(tasks_per_rank)).stacked()
+            batch = run.sampler.sample(tasks_per_rank)
+            stats = meta_train_step(run.meta, batch, config.task_strategy).stacked()
             totals = stats if totals is None else totals + stats
             count += 1
             run.step += 1

@@ -13,7 +13,7 @@ produced ``phi*`` never is, so memory does not grow with inner steps.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -199,6 +199,8 @@ class TaskGradient(NamedTuple):
         outer_loss: ``L_out(phi)``.
         stationarity: ``||grad L_in(phi) + reg (phi - theta)||``, zero at the exact inner optimum.
         cg: The CG result (residual norm, iterations, status).
+        outer_aux: What ``outer_loss`` returned beside the loss at ``phi`` (with
+            ``has_aux=True``), detached; ``{}`` otherwise.
     """
 
     meta_grad: Params
@@ -207,11 +209,12 @@ class TaskGradient(NamedTuple):
     outer_loss: Tensor
     stationarity: Tensor
     cg: CGResult
+    outer_aux: Any
 
 
 def task_meta_gradient(
     inner_loss: ScalarFn,
-    outer_loss: ScalarFn,
+    outer_loss: Callable[[Params], Any],
     theta: Params,
     solver: InnerSolverFn,
     *,
@@ -222,6 +225,7 @@ def task_meta_gradient(
     cg_tol: float = 1e-10,
     hvp_mode: str = "auto",
     solver_options: dict[str, object] | None = None,
+    has_aux: bool = False,
 ) -> TaskGradient:
     """Adapt ``theta`` to one task with ``solver`` and return the implicit meta-gradient.
 
@@ -231,7 +235,9 @@ def task_meta_gradient(
 
     Args:
         inner_loss: ``L_in`` as a function of a parameter dict.
-        outer_loss: ``L_out`` as a function of a parameter dict.
+        outer_loss: ``L_out`` as a function of a parameter dict; with ``has_aux=True`` it
+            returns ``(loss, aux)``, ``aux`` a pytree of tensors (query accuracy, say) that comes
+            back, evaluated at ``phi``, as :attr:`TaskGradient.outer_aux` at no extra cost.
         theta: Meta-parameters.
         solver: Inner solver ``solver(objective, params, *, steps, lr, **options) -> params``.
         reg: Proximal regularisation strength ``lambda > 0``.
@@ -241,6 +247,7 @@ def task_meta_gradient(
         cg_tol: Relative residual tolerance of CG.
         hvp_mode: Hessian-vector product strategy.
         solver_options: Extra keyword arguments for the solver.
+        has_aux: Whether ``outer_loss`` returns ``(loss, aux)``.
 
     Returns:
         A :class:`TaskGradient`.
@@ -266,7 +273,13 @@ def task_meta_gradient(
 
     # The outer gradient first: its activations are freed before the inner gradient's graph is
     # built and held through CG, so the peak is the larger of the two, not their sum.
-    outer_grad, outer_value = torch.func.grad_and_value(outer_loss)(phi)
+    if has_aux:
+        outer_grad, (outer_value, outer_aux) = torch.func.grad_and_value(outer_loss, has_aux=True)(
+            phi
+        )
+    else:
+        outer_grad, outer_value = torch.func.grad_and_value(outer_loss)(phi)
+        outer_aux = {}
     inner_value, inner_grad, hvp_fn = value_grad_and_hvp(inner_loss, phi, mode=hvp_mode)
     residual = tree_axpy(reg, tree_sub(phi, theta), inner_grad)
     cg = _solve_with_hvp(hvp_fn, dict(outer_grad), reg=reg, cg_steps=cg_steps, cg_tol=cg_tol)
@@ -277,4 +290,5 @@ def task_meta_gradient(
         outer_loss=outer_value.detach(),
         stationarity=tree_norm(residual).detach(),
         cg=cg,
+        outer_aux=outer_aux,
     )
