@@ -3,9 +3,10 @@
     python benchmarks/meta_step.py [--device cpu|cuda] [--tasks T] [--steps 5 25 100]
                                    [--methods ...] [--repeats R] [--out benchmarks/results]
 
-Every (method, K) runs in fresh subprocesses, so peak memory is its own: peak RSS growth over the
-process's resident size before the first meta-step on CPU (glibc set to return freed blocks at
-once, so RSS follows live memory), ``torch.cuda.max_memory_allocated`` on CUDA. On the CPU, time
+Every (method, K) runs in fresh subprocesses, so peak memory is its own: after a warm-up
+meta-step, the peak growth during the next meta-step(s) over what is live between steps -- peak
+RSS on CPU (glibc set to return freed blocks at once, so RSS follows live memory),
+``torch.cuda.max_memory_allocated`` on CUDA. On the CPU, time
 is taken in a second process with the default allocator; on CUDA one process measures both.
 Prints one JSON object per line and writes ``meta_step_<device>.json`` and
 ``meta_step_<device>.png``.
@@ -13,6 +14,8 @@ Prints one JSON object per line and writes ``meta_step_<device>.json`` and
 Methods:
     loop      this project, meta_backward_batch(strategy="loop") (one task after another)
     batched   this project, meta_backward_batch(strategy="vmap")
+    loop_compiled  the loop with compile_inner=True (the first call, which compiles, is reported
+              apart as first_call_s)
     torchopt  torchopt.diff.implicit.custom_root + solve_cg(maxiter=5), tasks in a loop
     maml      unrolled MAML with torch.func (differentiates through the K inner steps)
     maml_vmap functorch's recipe: unrolled MAML vmapped over the tasks (torch.func.grad inside
@@ -36,7 +39,7 @@ import sys
 import time
 from pathlib import Path
 
-METHODS = ("loop", "batched", "torchopt", "maml", "maml_vmap")
+METHODS = ("loop", "batched", "loop_compiled", "torchopt", "maml", "maml_vmap")
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -54,7 +57,7 @@ def run_one(
     support, query = S.make_tasks(tasks, device)
     outer = torch.optim.Adam(model.parameters(), lr=1e-3)
 
-    if method in ("loop", "batched"):
+    if method in ("loop", "batched", "loop_compiled"):
         meta = im.ImplicitMetaOptimizer(
             model,
             outer,
@@ -63,8 +66,9 @@ def run_one(
             inner_steps=steps,
             inner_lr=S.INNER_LR,
             cg_steps=S.CG_STEPS,
+            compile_inner=method == "loop_compiled",
         )
-        strategy = "loop" if method == "loop" else "vmap"
+        strategy = "vmap" if method == "batched" else "loop"
 
         def meta_step() -> None:
             meta.zero_grad()
@@ -83,13 +87,17 @@ def run_one(
         if device.type == "cuda":
             torch.cuda.synchronize()
 
+    t0 = time.perf_counter()
+    meta_step()  # warm-up (lazy initialisation, optimizer state, compilation)
+    sync()
+    first_call = time.perf_counter() - t0
+    # Peak memory of the steady-state meta-steps that follow, over what is live between them
+    # (model, outer optimizer state, data): what one meta-step adds.
     S.reset_peak_rss()
     start_rss = S.rss_mib()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         start_cuda = torch.cuda.memory_allocated()
-    meta_step()  # warm-up (lazy initialisation, allocator pools)
-    sync()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -107,6 +115,7 @@ def run_one(
         "device": device_name,
         "seconds": statistics.median(times),
         "seconds_all": times,
+        "first_call_s": first_call,
         "peak_mib": round(peak, 1),
         "torch": torch.__version__,
     }
@@ -309,7 +318,11 @@ def main() -> None:
                 if purpose == "memory":
                     row = measured
                 else:
-                    row.update(seconds=measured["seconds"], seconds_all=measured["seconds_all"])
+                    row.update(
+                        seconds=measured["seconds"],
+                        seconds_all=measured["seconds_all"],
+                        first_call_s=measured["first_call_s"],
+                    )
             print(json.dumps(row), flush=True)
             results.append(row)
     args.out.mkdir(parents=True, exist_ok=True)
