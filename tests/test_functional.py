@@ -259,6 +259,28 @@ def test_reverse_over_reverse_inside_vmap_matches_outside() -> None:
         assert rel_err(flatten({k: batched[k][t] for k in single}), flatten(single)) < 1e-12
 
 
+@pytest.mark.parametrize("mode", ["reverse_over_reverse", "forward_over_reverse", "auto"])
+def test_hvp_built_outside_composes_with_transforms_applied_later(mode: str) -> None:
+    # A product function built outside torch.func, then vmapped over vectors or differentiated
+    # with vjp (torchopt's normal CG takes A^T that way): the plain-autograd graph cannot see
+    # the wrapped vector, and the transpose once came out as the identity. H is symmetric, so
+    # the vjp of v -> H v at u is H u.
+    x = torch.randn(7, 3, dtype=torch.float64)
+    y = torch.randint(0, 4, (7,))
+    loss, params = _mlp_loss(x, y), _mlp_params(torch.device("cpu"))
+    hessian = dense_hessian(loss, params)
+    _, hvp_fn = make_hvp(loss, params, mode=mode)
+    vectors = {k: torch.randn(3, *t.shape, dtype=t.dtype) for k, t in params.items()}
+    batched = torch.func.vmap(hvp_fn)(vectors)
+    for i in range(3):
+        expected = hessian @ flatten({k: v[i] for k, v in vectors.items()})
+        assert rel_err(flatten({k: v[i] for k, v in batched.items()}), expected) < 1e-10
+    u = {k: torch.randn_like(t) for k, t in params.items()}
+    _, vjp_fn = torch.func.vjp(hvp_fn, u)
+    (transposed,) = vjp_fn(u)
+    assert rel_err(flatten(transposed), hessian @ flatten(u)) < 1e-10
+
+
 @pytest.mark.parametrize("mode", ["reverse_over_reverse", "forward_over_reverse"])
 def test_proximal_objective_derivatives_at_theta(mode: str) -> None:
     # At phi = theta (where every inner solve starts) the proximal term's gradient is zero and

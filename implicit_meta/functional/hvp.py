@@ -83,6 +83,15 @@ def _reverse_over_reverse_autograd(fn: ScalarFn, params: Params) -> tuple[Tensor
         grads = torch.autograd.grad(value, leaves, create_graph=True)
 
     def hvp_fn(vector: Params) -> Params:
+        if torch._C._functorch.maybe_current_level() is not None:
+            # Called inside a torch.func transform (vmap over vectors, vjp for a transpose) that
+            # was not active when the graph was built: that graph cannot see the transform's
+            # wrapped vector, so the product would come out as a constant (a vjp through it
+            # would be silently zero). Forward-over-reverse composes with every transform.
+            _, product = torch.func.jvp(  # type: ignore[misc]
+                torch.func.grad(fn), (params,), (vector,)
+            )
+            return dict(product)
         with torch.enable_grad():
             products = torch.autograd.grad(
                 grads, leaves, grad_outputs=[vector[k] for k in names], retain_graph=True
@@ -118,7 +127,9 @@ def make_hvp(fn: ScalarFn, params: Params, *, mode: str = "auto") -> tuple[Param
     """Gradient of ``fn`` at ``params`` and a function computing Hessian-vector products there.
 
     ``"auto"`` is reverse-over-reverse, except inside ``torch.func.vmap``, where it is
-    forward-over-reverse (some double-backward rules do not compose with vmap).
+    forward-over-reverse (some double-backward rules do not compose with vmap). The returned
+    ``hvp_fn`` composes with transforms applied to it later (``vmap`` over vectors, ``vjp``):
+    called inside one, a product built outside transforms is computed forward-over-reverse.
 
     Args:
         fn: Scalar function of a parameter dict, twice differentiable.
