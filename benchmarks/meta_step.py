@@ -259,7 +259,7 @@ def main() -> None:
         "--methods",
         nargs="+",
         choices=METHODS,
-        help="default: all on CUDA; all but maml_vmap on the CPU (40 s and 1.5 GB at K=5 there)",
+        help="default: all on CUDA; all but maml_vmap on the CPU (5 GB at K=25, ~20 GB at K=100)",
     )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")

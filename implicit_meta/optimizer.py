@@ -33,7 +33,6 @@ InnerSpec = str | Callable[..., Params] | type[torch.optim.Optimizer]
 """What ``inner=`` accepts: a registered name, a solver function, or a torch.optim class."""
 
 _TORCH_OPTIM_PREFIX = "torch.optim."
-_CPU_VMAP_MIN_INNER_STEPS = 56
 
 
 def _resolve_inner(inner: InnerSpec) -> tuple[Callable[..., Params], str | None]:
@@ -159,10 +158,11 @@ class ImplicitMetaOptimizer:
         hvp: Hessian-vector product strategy: ``"auto"``, ``"reverse_over_reverse"`` or
             ``"forward_over_reverse"`` (see :func:`implicit_meta.functional.make_hvp`).
         compile_inner: Run the inner objective through ``torch.compile`` (opt-in). On a 2-core
-            CPU a compiled Conv4 inner step took about 19 ms against 26 ms eager, after a
-            first compilation of about 30 s that later tasks of the same shapes reuse: worth it
-            for long runs only. Applies to tasks solved one by one; under vmap the inner step
-            stays eager (see :func:`implicit_meta.functional.solve_inner`).
+            CPU a meta-step of 4 Conv4 tasks with 100 inner steps took 8.2 s against 12.3 s
+            eager (2.9 s against 3.6 s with 25), after a first compilation of about 40 s that
+            later tasks of the same shapes reuse: worth it for long runs only. Applies to tasks
+            solved one by one; under vmap the inner step stays eager (see
+            :func:`implicit_meta.functional.solve_inner`).
 
     Raises:
         ValueError: If a setting is out of range, the solver name is unknown, the model has no
@@ -397,9 +397,11 @@ class ImplicitMetaOptimizer:
         Strategies: ``"vmap"`` runs the inner solve, the outer gradient and CG vectorised over
         tasks (per-task CG stopping is handled with masks, no host syncs); ``"loop"`` runs the
         tasks one after the other. ``"auto"`` picks ``"vmap"`` on CUDA, where one kernel per
-        operation for all tasks keeps the GPU busy; on the CPU it picks ``"loop"`` below 56 inner
-        steps and ``"vmap"`` from there on, where vmap's cheaper inner steps outweigh its larger
-        fixed cost (measured with ``benchmarks/meta_step.py`` on a 2-core CPU). Solvers that
+        operation for all tasks keeps the GPU busy, and ``"loop"`` on the CPU, where each task's
+        convolutions already keep the cores busy: measured with ``benchmarks/meta_step.py`` on a
+        2-core CPU (4 Conv4 tasks), vmap was slower at K=5 and K=25 (2.8 s and 6.2 s against
+        2.1 s and 3.6 s), level at K=100 (12.1 s against 12.0 s) and took four times the memory
+        (561 against 142 MiB). Solvers that
         cannot be vmapped (``"lbfgs"``, torch.optim adapters) always loop under ``"auto"``; with
         ``"vmap"`` they, and models whose operators vmap rejects, fall back to the loop with a
         one-time warning that says why; the results are the same.
@@ -471,14 +473,12 @@ class ImplicitMetaOptimizer:
         return _result(tasks)
 
     def _auto_strategy(self, device: torch.device) -> str:
-        # Measured on a 2-core CPU (4 Conv4 20-way tasks, benchmarks/meta_step.py): vmap costs
-        # more up front (about 3.7 s against 2.0 s at K=5) but less per inner step (about
-        # 0.09 s against 0.125 s), so it overtakes the loop near K = 55; on CUDA it always wins.
+        # On the CPU one task's convolutions already use every core, so vmap gains nothing per
+        # inner step and costs more up front and in memory (see meta_backward_batch); on CUDA
+        # one kernel for all tasks keeps the device busy.
         if getattr(self._solver, "vmap_unsupported", None):
             return "loop"  # known up front: no need to try vmap and warn
-        if device.type == "cuda":
-            return "vmap"
-        return "vmap" if self.inner_steps >= _CPU_VMAP_MIN_INNER_STEPS else "loop"
+        return "vmap" if device.type == "cuda" else "loop"
 
     def _split_checked(self) -> tuple[Params, Params, Params]:
         theta, frozen, buffers = split_state(self.model)

@@ -146,39 +146,12 @@ def test_model_that_vmap_rejects_falls_back_to_loop() -> None:
     assert result.outer_loss.shape == (TASKS,)
 
 
-def test_auto_strategy_on_cpu_switches_to_vmap_for_long_inner_loops() -> None:
+@pytest.mark.parametrize("inner_steps", [2, 200])
+def test_auto_strategy_on_cpu_is_the_loop(inner_steps: int) -> None:
     model = nn.Linear(4, 3)
     support = (torch.randn(TASKS, 6, 4), torch.randint(0, 3, (TASKS, 6)))
     meta = im.ImplicitMetaOptimizer(
-        model, torch.optim.SGD(model.parameters(), lr=0.1), inner_steps=60
-    )
-    calls: list[str] = []
-    original = meta._solve_tasks_vmap
-
-    def spy(*args: object) -> object:
-        calls.append("vmap")
-        return original(*args)  # type: ignore[arg-type]
-
-    meta._solve_tasks_vmap = spy  # type: ignore[method-assign]
-    meta.meta_backward_batch(ce, support, support)
-    assert calls == ["vmap"]
-    lbfgs = im.ImplicitMetaOptimizer(
-        model,
-        torch.optim.SGD(model.parameters(), lr=0.1),
-        inner="lbfgs",
-        inner_steps=60,
-        inner_lr=1.0,
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", RuntimeWarning)  # auto knows lbfgs cannot be vmapped
-        lbfgs.meta_backward_batch(ce, support, support)
-
-
-def test_auto_strategy_on_cpu_is_the_loop() -> None:
-    model = nn.Linear(4, 3)
-    support = (torch.randn(TASKS, 6, 4), torch.randint(0, 3, (TASKS, 6)))
-    meta = im.ImplicitMetaOptimizer(
-        model, torch.optim.SGD(model.parameters(), lr=0.1), inner_steps=2
+        model, torch.optim.SGD(model.parameters(), lr=0.1), inner_steps=inner_steps
     )
     calls: list[str] = []
     original = meta._solve_tasks_loop
@@ -190,6 +163,19 @@ def test_auto_strategy_on_cpu_is_the_loop() -> None:
     meta._solve_tasks_loop = spy  # type: ignore[method-assign]
     meta.meta_backward_batch(ce, support, support)
     assert calls == ["loop"]
+
+
+def test_auto_strategy_is_vmap_on_cuda_unless_the_solver_cannot_be_vmapped() -> None:
+    # The choice depends only on the device type and the solver, so it is checked without a GPU.
+    model = nn.Linear(4, 3)
+    outer = torch.optim.SGD(model.parameters(), lr=0.1)
+    cuda = torch.device("cuda")
+    assert im.ImplicitMetaOptimizer(model, outer, inner="sgd")._auto_strategy(cuda) == "vmap"
+    assert im.ImplicitMetaOptimizer(model, outer, inner="adam")._auto_strategy(cuda) == "vmap"
+    lbfgs = im.ImplicitMetaOptimizer(model, outer, inner="lbfgs", inner_lr=1.0)
+    assert lbfgs._auto_strategy(cuda) == "loop"
+    adapter = im.ImplicitMetaOptimizer(model, outer, inner=torch.optim.Adam)
+    assert adapter._auto_strategy(cuda) == "loop"
 
 
 @pytest.mark.parametrize(

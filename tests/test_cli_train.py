@@ -248,3 +248,15 @@ def test_vmapped_and_looped_meta_batches_train_the_same_model(tmp_path: Path) ->
     for a, b in zip(_records(tmp_path / "loop"), _records(tmp_path / "vmap"), strict=True):
         assert b["query_accuracy"] == pytest.approx(a["query_accuracy"], abs=1e-6)
         assert b["outer_loss"] == pytest.approx(a["outer_loss"], rel=1e-4)
+
+
+def test_compile_inner_flag_reaches_the_meta_optimizer() -> None:
+    from implicit_meta.fewshot import TrainConfig, build_meta_optimizer, build_model
+
+    parser = cli.build_parser()
+    assert parser.parse_args(["train", "--compile-inner"]).compile_inner is True
+    assert parser.parse_args(["train", "--no-compile-inner"]).compile_inner is False
+    assert not hasattr(parser.parse_args(["train"]), "compile_inner")  # resume keeps the stored
+    config = TrainConfig(compile_inner=True, backbone="conv4-4")
+    meta = build_meta_optimizer(build_model(config, (1, 28, 28)), config)
+    assert meta.compile_inner is True

@@ -55,6 +55,8 @@ def test_wrong_types_raise() -> None:
         TrainConfig(ways=5.0)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="seed"):
         TrainConfig(seed=True)
+    with pytest.raises(TypeError, match="compile_inner must be True or False"):
+        TrainConfig(compile_inner=1)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="unknown config fields"):
         TrainConfig.from_dict({"wayz": 5})
 

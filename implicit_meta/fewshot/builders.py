@@ -77,4 +77,5 @@ def build_meta_optimizer(model: nn.Module, config: TrainConfig) -> ImplicitMetaO
         inner_steps=config.inner_steps,
         inner_lr=config.inner_lr,
         cg_steps=config.cg_steps,
+        compile_inner=config.compile_inner,
     )
