@@ -108,7 +108,7 @@ def _add_train(subparsers: Any) -> None:
         choices=TASK_STRATEGIES,
         help=(
             "solve a meta-batch's tasks vectorised (vmap) or one after another (loop); auto: "
-            f"vmap on CUDA, on the CPU by inner steps (default: {_DEFAULTS.task_strategy})"
+            f"vmap on CUDA, the loop on the CPU (default: {_DEFAULTS.task_strategy})"
         ),
     )
     parser.add_argument(

@@ -99,8 +99,8 @@ class TrainConfig:
         log_every: Meta-steps between entries of ``metrics.jsonl``.
         checkpoint_every: Meta-steps between checkpoints (one is always written at the end).
         task_strategy: How the tasks of a meta-batch are solved: ``"vmap"`` (vectorised over
-            tasks), ``"loop"`` (one after another) or ``"auto"`` (vmap on CUDA; on the CPU the
-            loop for short inner loops); the meta-gradient is the same up to rounding.
+            tasks), ``"loop"`` (one after another) or ``"auto"`` (vmap on CUDA, the loop on the
+            CPU); the meta-gradient is the same up to rounding.
         compile_inner: Compile the inner objective with ``torch.compile`` (see
             :class:`~implicit_meta.ImplicitMetaOptimizer`): faster inner steps after a first
             compilation of tens of seconds.

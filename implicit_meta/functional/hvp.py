@@ -21,6 +21,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from implicit_meta.functional._grad import inside_transform
 from implicit_meta.functional._tree import Params
 
 HVPMode = Literal["auto", "reverse_over_reverse", "forward_over_reverse"]
@@ -66,7 +67,7 @@ def _with_value(fn: ScalarFn) -> Callable[[Params], tuple[Tensor, Tensor]]:
 
 
 def _reverse_over_reverse(fn: ScalarFn, params: Params) -> tuple[Tensor, Params, HVPFn]:
-    if torch._C._functorch.maybe_current_level() is None:
+    if not inside_transform():
         return _reverse_over_reverse_autograd(fn, params)
     return _reverse_over_reverse_func(fn, params)
 
@@ -83,7 +84,7 @@ def _reverse_over_reverse_autograd(fn: ScalarFn, params: Params) -> tuple[Tensor
         grads = torch.autograd.grad(value, leaves, create_graph=True)
 
     def hvp_fn(vector: Params) -> Params:
-        if torch._C._functorch.maybe_current_level() is not None:
+        if inside_transform():
             # Called inside a torch.func transform (vmap over vectors, vjp for a transpose) that
             # was not active when the graph was built: that graph cannot see the transform's
             # wrapped vector, so the product would come out as a constant (a vjp through it
