@@ -287,6 +287,8 @@ def main() -> None:
         # CUDA's peak is the caching allocator's own count, unaffected by glibc: one process.
         runs = (("memory", plain_env, args.repeats),)
     results: list[dict[str, object]] = []
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"meta_step_{args.device.split(':')[0]}"
     for steps in args.steps:
         for method in methods:
             row: dict[str, object] = {}
@@ -325,9 +327,8 @@ def main() -> None:
                     )
             print(json.dumps(row), flush=True)
             results.append(row)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"meta_step_{args.device.split(':')[0]}"
-    (args.out / f"{stem}.json").write_text(json.dumps(results, indent=1))
+            # Written after every row, so a run stopped by a time limit keeps what it measured.
+            (args.out / f"{stem}.json").write_text(json.dumps(results, indent=1))
     plot(results, args.out / f"{stem}.png")
 
 
