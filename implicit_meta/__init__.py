@@ -7,7 +7,9 @@ Example:
 """
 
 from implicit_meta import functional
+from implicit_meta.functional.adjoint import ImplicitAdjoint
 from implicit_meta.functional.cg import CGStatus
+from implicit_meta.losses import OutputLoss, output_loss
 from implicit_meta.optimizer import ImplicitMetaOptimizer
 from implicit_meta.result import MetaBackwardResult
 from implicit_meta.solvers import (
@@ -23,13 +25,16 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CGStatus",
+    "ImplicitAdjoint",
     "ImplicitMetaOptimizer",
     "MetaBackwardResult",
+    "OutputLoss",
     "__version__",
     "functional",
     "get_inner_solver",
     "inner_solver",
     "list_inner_solvers",
+    "output_loss",
     "torch_optimizer_solver",
     "unregister_inner_solver",
 ]

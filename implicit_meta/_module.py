@@ -16,6 +16,8 @@ import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
 from implicit_meta.functional._tree import Params
+from implicit_meta.functional.curvature import ComposedLoss
+from implicit_meta.losses import OutputLoss, split_batch
 
 LossFn = Callable[[nn.Module, Any], Any]
 """A user's loss: ``loss_fn(module, batch) -> scalar tensor``, or ``-> (scalar tensor, aux)``.
@@ -184,6 +186,53 @@ def functional_loss(
         return loss_and_aux(params)[0]
 
     return loss
+
+
+def functional_inner_loss(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batch: Any,
+    frozen: Mapping[str, Tensor],
+    buffers: Mapping[str, Tensor],
+    what: str = "loss_fn",
+) -> Callable[[Params], Tensor]:
+    """The inner loss as a function of ``phi``: a :class:`ComposedLoss` for an ``OutputLoss``.
+
+    For an :class:`~implicit_meta.OutputLoss` the outputs ``phi -> model(inputs)`` and the
+    criterion are kept apart, which the Gauss-Newton curvature needs; any other ``loss_fn``
+    becomes :func:`functional_loss`.
+
+    Args:
+        model: The module to evaluate.
+        loss_fn: A plain ``loss_fn(module, batch)`` or an ``OutputLoss``.
+        batch: The support batch (``(inputs, targets)`` for an ``OutputLoss``).
+        frozen: Parameters used as constants.
+        buffers: Buffers to start every evaluation from (cloned per call).
+        what: Name of the loss, for error messages.
+
+    Returns:
+        A scalar function of a parameter dict.
+    """
+    if not isinstance(loss_fn, OutputLoss):
+        return functional_loss(model, loss_fn, batch, frozen, buffers, what)
+    inputs, targets = split_batch(batch)
+    criterion_fn = loss_fn.criterion
+
+    def outputs(params: Params) -> Tensor:
+        state: dict[str, Tensor] = dict(params)
+        state.update(frozen)
+        state.update({k: v.clone() for k, v in buffers.items()})
+        value = torch.func.functional_call(model, state, (inputs,), strict=False)
+        if not isinstance(value, Tensor):
+            raise TypeError(
+                f"an output_loss needs a model that returns one tensor, got {type(value).__name__}"
+            )
+        return value
+
+    def criterion(out: Tensor) -> Tensor:
+        return check_scalar_loss(criterion_fn(out, targets), what)
+
+    return ComposedLoss(outputs, criterion)
 
 
 def _tensor_leaves(batch: Any) -> list[Tensor]:

@@ -32,6 +32,8 @@ from implicit_meta.fewshot.config import (
     TrainConfig,
 )
 from implicit_meta.fewshot.device import DeviceUnavailableError
+from implicit_meta.functional.curvature import CURVATURES
+from implicit_meta.functional.hvp import HVP_MODES
 from implicit_meta.fewshot.loading import evaluate_checkpoint
 from implicit_meta.fewshot.trainer import CHECKPOINT_NAME, train
 from implicit_meta.models import list_backbones
@@ -53,7 +55,15 @@ _TRAIN_FLAGS: tuple[tuple[str, str, type, str], ...] = (
     ("--inner-steps", "inner_steps", int, "inner solver steps per task"),
     ("--inner-lr", "inner_lr", float, "inner learning rate"),
     ("--reg", "reg", float, "proximal regularisation strength lambda"),
-    ("--cg-steps", "cg_steps", int, "conjugate-gradient iterations per task"),
+    ("--cg-steps", "cg_steps", int, "conjugate-gradient iterations per task (0: first-order)"),
+    ("--cg-tol", "cg_tol", float, "CG's relative residual tolerance"),
+    ("--damping", "damping", float, "delta >= 0 added to the curvature's diagonal"),
+    (
+        "--curvature-scale",
+        "curvature_scale",
+        float,
+        "factor on the curvature (to reproduce another code's system)",
+    ),
     ("--meta-batch", "meta_batch", int, "tasks per meta-step"),
     ("--meta-steps", "meta_steps", int, "maximum meta-steps"),
     ("--meta-lr", "meta_lr", float, "Adam learning rate of the meta-parameters"),
@@ -101,6 +111,20 @@ def _add_train(subparsers: Any) -> None:
             "meta learning rate: cosine decay from --meta-lr to 0 over the time budget or the "
             f"meta-steps, whichever ends the run, or constant (default: {_DEFAULTS.lr_schedule})"
         ),
+    )
+    parser.add_argument(
+        "--curvature",
+        choices=CURVATURES,
+        help=(
+            "curvature of the meta-gradient's linear system: gauss_newton (positive "
+            "semidefinite), hessian (exact at a stationary inner solution, indefinite on ReLU "
+            f"networks), auto = gauss_newton for the cross-entropy (default: {_DEFAULTS.curvature})"
+        ),
+    )
+    parser.add_argument(
+        "--hvp",
+        choices=HVP_MODES,
+        help=f"Hessian-vector product strategy (default: {_DEFAULTS.hvp})",
     )
     parser.add_argument(
         "--task-strategy",
@@ -192,6 +216,8 @@ def _train_config(args: argparse.Namespace, out: Path) -> TrainConfig:
         "lr_schedule",
         "task_strategy",
         "compile_inner",
+        "curvature",
+        "hvp",
     }
     given = {k: v for k, v in vars(args).items() if k in fields}
     if getattr(args, "resume", False):

@@ -17,15 +17,18 @@ from implicit_meta._batch import select_task, task_count, task_in_dims
 from implicit_meta._module import (
     LossFn,
     check_batch,
+    functional_inner_loss,
     functional_loss,
     functional_loss_and_aux,
     split_state,
 )
 from implicit_meta.functional._tree import Params
+from implicit_meta.functional.adjoint import ImplicitAdjoint
 from implicit_meta.functional.cg import CGStatus
-from implicit_meta.functional.hvp import resolve_hvp_mode
+from implicit_meta.functional.curvature import resolve_curvature
 from implicit_meta.functional.implicit import TaskGradient, solve_inner, task_meta_gradient
 from implicit_meta.result import MetaBackwardResult
+from implicit_meta.solvers.first_order import proximal_step_limit, sgd
 from implicit_meta.solvers.registry import get_inner_solver, registered_name
 from implicit_meta.solvers.torch_optim import torch_optimizer_solver
 
@@ -82,32 +85,62 @@ def _check_float(value: object, name: str, *, positive: bool) -> float:
 
 
 def _validated_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The inner-loop settings, checked (the linear solve's live in :class:`ImplicitAdjoint`)."""
     options = settings.get("inner_options")
     if options is not None and not isinstance(options, Mapping):
         raise TypeError(f"inner_options must be a dict or None, got {type(options).__name__}")
     return {
-        "reg": _check_float(settings["reg"], "reg", positive=True),
         "inner_steps": _check_int(settings["inner_steps"], "inner_steps", 0),
         "inner_lr": _check_float(settings["inner_lr"], "inner_lr", positive=True),
         "inner_options": dict(options or {}),
-        "cg_steps": _check_int(settings["cg_steps"], "cg_steps", 1),
-        "cg_tol": _check_float(settings["cg_tol"], "cg_tol", positive=False),
-        "hvp": _check_hvp(settings["hvp"]),
         "compile_inner": _check_bool(settings.get("compile_inner", False), "compile_inner"),
     }
+
+
+def _resolve_adjoint(
+    adjoint: ImplicitAdjoint | None, shorthands: Mapping[str, Any]
+) -> ImplicitAdjoint:
+    """The adjoint from ``adjoint=`` or from the ``reg=``/``cg_steps=``/... shorthands."""
+    given = {name: value for name, value in shorthands.items() if value is not None}
+    if adjoint is None:
+        return ImplicitAdjoint(**given)
+    if not isinstance(adjoint, ImplicitAdjoint):
+        raise TypeError(f"adjoint must be an ImplicitAdjoint, got {type(adjoint).__name__}")
+    if given:
+        raise ValueError(
+            f"{', '.join(f'{k}=' for k in given)} given beside adjoint=: set them on the adjoint "
+            "instead (adjoint.replace(...))"
+        )
+    return adjoint
+
+
+def _check_inner_stability(
+    solver: Callable[..., Params],
+    inner_name: str | None,
+    lr: float,
+    reg: float,
+    options: Mapping[str, Any],
+) -> None:
+    """Refuse an SGD inner loop whose step diverges on the proximal term alone."""
+    if solver is not sgd and inner_name != "torch.optim.SGD":
+        return
+    momentum, nesterov = options.get("momentum", 0.0), options.get("nesterov", False)
+    if not isinstance(momentum, numbers.Real) or not isinstance(nesterov, bool):
+        return  # the solver reports its own type errors
+    limit = proximal_step_limit(float(momentum), nesterov)
+    if lr * reg >= limit:
+        kind = "Nesterov momentum " if nesterov else ("momentum " if momentum else "")
+        raise ValueError(
+            f"inner_lr * reg = {lr * reg:g} diverges: SGD with {kind}{momentum:g} contracts the "
+            f"proximal term reg/2 ||phi - theta||^2 only for inner_lr * reg < {limit:g}; "
+            f"use inner_lr < {limit / reg:g} at reg={reg:g}"
+        )
 
 
 def _check_bool(value: object, name: str) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be True or False, got {value!r}")
     return value
-
-
-def _check_hvp(mode: object) -> str:
-    if not isinstance(mode, str):
-        raise TypeError(f"hvp must be a string, got {mode!r}")
-    resolve_hvp_mode(mode)  # raises ValueError naming the known modes
-    return mode
 
 
 def _result(tasks: TaskGradient) -> MetaBackwardResult:
@@ -122,14 +155,28 @@ def _result(tasks: TaskGradient) -> MetaBackwardResult:
     )
 
 
+_CURVATURE_REMEDY = (
+    "Remedy: the positive semidefinite Gauss-Newton curvature: state the inner loss as "
+    "im.output_loss(F.cross_entropy) (curvature='auto' then picks it), or "
+    "adjoint=ImplicitAdjoint(curvature='gauss_newton'); a larger reg does not help on ReLU "
+    "networks (docs: Benchmarks, adjoint study)"
+)
+
+
 class ImplicitMetaOptimizer:
     """iMAML meta-training for any ``nn.Module`` and any outer ``torch.optim`` optimizer.
 
     Per task, the model's trainable parameters ``theta`` are adapted by the inner solver to
     ``phi* = argmin_phi L_in(phi) + reg/2 ||phi - theta||^2`` (started at ``theta``, on detached
-    tensors), and the meta-gradient ``(I + H/reg)^-1 grad L_out(phi*)`` is solved by conjugate
-    gradient on Hessian-vector products of ``L_in`` at ``phi*``. Nothing differentiates through
+    tensors), and the meta-gradient ``(I + C/reg)^-1 grad L_out(phi*)`` is solved by conjugate
+    gradient on curvature-vector products of ``L_in`` at ``phi*``. Nothing differentiates through
     the inner loop, so memory does not grow with ``inner_steps``.
+
+    The linear solve is an :class:`~implicit_meta.functional.ImplicitAdjoint` (``adjoint=``):
+    the curvature ``C`` (the Hessian, or the positive semidefinite Gauss-Newton matrix of a loss
+    stated with :func:`~implicit_meta.output_loss`, which ``curvature="auto"`` picks), damping,
+    CG steps and tolerance; ``cg_steps=0`` is first-order. ``reg=``, ``cg_steps=``, ``cg_tol=``
+    and ``hvp=`` are shorthands for its fields.
 
     Parameters with ``requires_grad=False`` are not meta-parameters: they are used as constants,
     never adapted, and get no ``.grad``.
@@ -143,7 +190,8 @@ class ImplicitMetaOptimizer:
     Args:
         model: The model whose trainable parameters are the meta-parameters.
         outer_optimizer: Any ``torch.optim`` optimizer over (some of) the model's parameters.
-        reg: Proximal regularisation strength ``lambda > 0``.
+        reg: Proximal regularisation strength ``lambda > 0`` (shorthand for ``adjoint.reg``;
+            default 2).
         inner: Inner solver: a registered name (see :func:`list_inner_solvers`: ``"sgd"``,
             ``"adam"``, ``"lbfgs"``, ``"newton_cg"``, ...), a solver function
             ``solver(objective, params, *, steps, lr, **options)``, or a ``torch.optim.Optimizer``
@@ -153,20 +201,24 @@ class ImplicitMetaOptimizer:
         inner_lr: Inner learning rate (for ``"lbfgs"`` and ``"newton_cg"``, the first step length
             of the line search, where ``1.0`` is natural).
         inner_options: Extra keyword arguments for the inner solver, e.g. ``{"momentum": 0.9}``.
-        cg_steps: CG iterations (Hessian-vector products) per task.
-        cg_tol: CG's relative residual tolerance.
+        cg_steps: CG iterations (curvature-vector products) per task; ``0`` is the first-order
+            meta-gradient (shorthand for ``adjoint.cg_steps``; default 5).
+        cg_tol: CG's relative residual tolerance (shorthand; default 1e-10).
         hvp: Hessian-vector product strategy: ``"auto"``, ``"reverse_over_reverse"`` or
-            ``"forward_over_reverse"`` (see :func:`implicit_meta.functional.make_hvp`).
-        compile_inner: Run the inner objective through ``torch.compile`` (opt-in). On a 2-core
-            CPU a meta-step of 4 Conv4 tasks with 100 inner steps took 8.2 s against 12.3 s
-            eager (2.9 s against 3.6 s with 25), after a first compilation of about 40 s that
-            later tasks of the same shapes reuse: worth it for long runs only. Applies to tasks
-            solved one by one; under vmap the inner step stays eager (see
+            ``"forward_over_reverse"`` (see :func:`implicit_meta.functional.make_hvp`;
+            shorthand; default ``"auto"``).
+        compile_inner: Run the inner objective through ``torch.compile`` (opt-in): faster inner
+            steps after a first compilation of tens of seconds that later tasks of the same
+            shapes reuse, so worth it for long runs only (``docs/benchmarks.md``). Applies to
+            tasks solved one by one; under vmap the inner step stays eager (see
             :func:`implicit_meta.functional.solve_inner`).
+        adjoint: The whole linear-solve setting; give either it or the shorthands.
 
     Raises:
-        ValueError: If a setting is out of range, the solver name is unknown, the model has no
-            trainable parameters, or the outer optimizer holds tensors that are not the model's.
+        ValueError: If a setting is out of range, the solver name is unknown, an SGD inner step
+            diverges on the proximal term (``inner_lr * reg >= 2`` without momentum), the model
+            has no trainable parameters, the outer optimizer holds tensors that are not the
+            model's, or ``adjoint=`` comes with shorthands.
         TypeError: If an argument has the wrong type.
 
     Example:
@@ -189,15 +241,17 @@ class ImplicitMetaOptimizer:
         self,
         model: nn.Module,
         outer_optimizer: torch.optim.Optimizer,
-        reg: float = 2.0,
+        reg: float | None = None,
         inner: InnerSpec = "sgd",
         inner_steps: int = 16,
         inner_lr: float = 0.1,
         inner_options: Mapping[str, Any] | None = None,
-        cg_steps: int = 5,
-        cg_tol: float = 1e-10,
-        hvp: str = "auto",
+        cg_steps: int | None = None,
+        cg_tol: float | None = None,
+        hvp: str | None = None,
         compile_inner: bool = False,
+        *,
+        adjoint: ImplicitAdjoint | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -217,35 +271,58 @@ class ImplicitMetaOptimizer:
                         "outer_optimizer holds a tensor that is not a parameter of the model "
                         f"(shape {tuple(param.shape)})"
                     )
+        resolved_adjoint = _resolve_adjoint(
+            adjoint, {"reg": reg, "cg_steps": cg_steps, "cg_tol": cg_tol, "hvp": hvp}
+        )
         settings = _validated_settings(
             {
-                "reg": reg,
                 "inner_steps": inner_steps,
                 "inner_lr": inner_lr,
                 "inner_options": inner_options,
-                "cg_steps": cg_steps,
-                "cg_tol": cg_tol,
-                "hvp": hvp,
                 "compile_inner": compile_inner,
             }
         )
         solver, inner_name = _resolve_inner(inner)
+        _check_inner_stability(
+            solver,
+            inner_name,
+            settings["inner_lr"],
+            resolved_adjoint.reg,
+            settings["inner_options"],
+        )
         self.model = model
         self.outer_optimizer = outer_optimizer
         self._solver = solver
         self._inner_name = inner_name
-        self._apply_settings(settings)
+        self._apply_settings(settings, resolved_adjoint)
         self._warned: set[str] = set()
 
-    def _apply_settings(self, settings: Mapping[str, Any]) -> None:
-        self.reg: float = settings["reg"]
+    def _apply_settings(self, settings: Mapping[str, Any], adjoint: ImplicitAdjoint) -> None:
+        self.adjoint: ImplicitAdjoint = adjoint
         self.inner_steps: int = settings["inner_steps"]
         self.inner_lr: float = settings["inner_lr"]
         self.inner_options: dict[str, Any] = settings["inner_options"]
-        self.cg_steps: int = settings["cg_steps"]
-        self.cg_tol: float = settings["cg_tol"]
-        self.hvp: str = settings["hvp"]
         self.compile_inner: bool = settings["compile_inner"]
+
+    @property
+    def reg(self) -> float:
+        """The proximal strength, ``adjoint.reg``."""
+        return self.adjoint.reg
+
+    @property
+    def cg_steps(self) -> int:
+        """CG iterations per task, ``adjoint.cg_steps`` (``0``: first-order)."""
+        return self.adjoint.cg_steps
+
+    @property
+    def cg_tol(self) -> float:
+        """CG's relative tolerance, ``adjoint.cg_tol``."""
+        return self.adjoint.cg_tol
+
+    @property
+    def hvp(self) -> str:
+        """The Hessian-vector product strategy, ``adjoint.hvp``."""
+        return self.adjoint.hvp
 
     @property
     def inner(self) -> Callable[..., Params]:
@@ -262,10 +339,19 @@ class ImplicitMetaOptimizer:
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
         check_batch(support, "support")
         check_batch(query, "query")
-        theta, _, buffers = self._split_checked()
+        theta, frozen, buffers = self._split_checked()
+        self._check_curvature(loss_fn, support, frozen, buffers)
         # No separate check pass: the losses validate themselves (scalar, floating point) on
         # their first evaluation inside the solver, with the same messages.
         return self._task_function(loss_fn, outer_loss_fn)(support, query, buffers, theta)
+
+    def _check_curvature(
+        self, loss_fn: LossFn, support: Any, frozen: Params, buffers: Params
+    ) -> None:
+        # Before any solve: Gauss-Newton asked of a plain loss_fn fails here, with the fix.
+        if not self.adjoint.first_order:
+            inner_loss = functional_inner_loss(self.model, loss_fn, support, frozen, buffers)
+            resolve_curvature(self.adjoint.curvature, inner_loss)
 
     def _warn_once(self, key: str, message: str) -> None:
         if key in self._warned:
@@ -313,12 +399,15 @@ class ImplicitMetaOptimizer:
                 f"the meta-gradient is not finite{which(bad_grad)}: a Hessian-vector product "
                 "produced NaN/inf"
             )
-        if CGStatus.NONPOSITIVE_CURVATURE in statuses:
+        bad_curvature = statuses.count(int(CGStatus.NONPOSITIVE_CURVATURE))
+        if bad_curvature:
             self._warn_once(
                 "curvature",
-                f"I + H/reg is not positive definite at the adapted parameters (reg={self.reg}); "
-                "CG stopped at the last good iterate. This warning is shown once per optimizer; "
-                "the result's cg_status marks each affected task (a larger reg helps)",
+                f"the adjoint system {self.adjoint.describe()} is not positive definite at the "
+                f"adapted parameters in {bad_curvature} of {count} tasks; CG stopped early there "
+                "and the meta-gradient is far from the solve. "
+                + _CURVATURE_REMEDY
+                + " (shown once per optimizer; cg_status marks each affected task)",
             )
         with torch.no_grad():
             for name, param in self._trainable():
@@ -493,7 +582,9 @@ class ImplicitMetaOptimizer:
         outer_name = "outer_loss_fn" if outer_loss_fn is not None else "loss_fn"
 
         def one_task(support: Any, query: Any, buffers: Params, theta: Params) -> TaskGradient:
-            inner_loss = functional_loss(self.model, loss_fn, support, frozen, buffers, "loss_fn")
+            inner_loss = functional_inner_loss(
+                self.model, loss_fn, support, frozen, buffers, "loss_fn"
+            )
             outer_loss = functional_loss_and_aux(
                 self.model, outer_loss_fn or loss_fn, query, frozen, buffers, outer_name
             )
@@ -502,12 +593,9 @@ class ImplicitMetaOptimizer:
                 outer_loss,
                 theta,
                 self._solver,
-                reg=self.reg,
+                self.adjoint,
                 steps=self.inner_steps,
                 lr=self.inner_lr,
-                cg_steps=self.cg_steps,
-                cg_tol=self.cg_tol,
-                hvp_mode=self.hvp,
                 solver_options=self.inner_options,
                 has_aux=True,
                 compile_objective=self.compile_inner,
@@ -555,6 +643,7 @@ class ImplicitMetaOptimizer:
         # Evaluate both losses at theta outside any transform, so that a wrong loss (not a
         # scalar, not a tensor) fails with its own message rather than deep inside a solver.
         theta, frozen, buffers = self._split_checked()
+        self._check_curvature(loss_fn, support, frozen, buffers)
         functional_loss(self.model, loss_fn, support, frozen, buffers, "loss_fn")(theta)
         if outer_loss_fn is not None:
             functional_loss(self.model, outer_loss_fn, query, frozen, buffers, "outer_loss_fn")(
@@ -596,7 +685,7 @@ class ImplicitMetaOptimizer:
             inner_loss,
             theta,
             self._solver,
-            reg=self.reg,
+            reg=self.adjoint.reg,
             steps=self.inner_steps,
             lr=self.inner_lr,
             solver_options=self.inner_options,
@@ -638,20 +727,17 @@ class ImplicitMetaOptimizer:
         """The current settings as plain Python values (what :meth:`state_dict` stores).
 
         Returns:
-            A dict with ``reg``, ``inner`` (its name, or ``None`` for an unregistered function),
-            ``inner_steps``, ``inner_lr``, ``inner_options``, ``cg_steps``, ``cg_tol``, ``hvp``,
-            ``compile_inner``.
+            A dict with ``inner`` (its name, or ``None`` for an unregistered function),
+            ``inner_steps``, ``inner_lr``, ``inner_options``, ``compile_inner`` and ``adjoint``
+            (:meth:`ImplicitAdjoint.to_dict`).
         """
         return {
-            "reg": self.reg,
             "inner": self._inner_name,
             "inner_steps": self.inner_steps,
             "inner_lr": self.inner_lr,
             "inner_options": dict(self.inner_options),
-            "cg_steps": self.cg_steps,
-            "cg_tol": self.cg_tol,
-            "hvp": self.hvp,
             "compile_inner": self.compile_inner,
+            "adjoint": self.adjoint.to_dict(),
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -676,15 +762,28 @@ class ImplicitMetaOptimizer:
             state_dict
         ):
             raise ValueError("state_dict must hold 'outer_optimizer' and 'settings'")
-        raw = state_dict["settings"]
-        missing = {"reg", "inner_steps", "inner_lr", "cg_steps", "cg_tol", "hvp"} - set(raw)
+        raw = dict(state_dict["settings"])
+        if "adjoint" not in raw:
+            # Settings saved before the adjoint existed keep its fields at the top level.
+            missing = {"reg", "inner_steps", "inner_lr", "cg_steps", "cg_tol", "hvp"} - set(raw)
+            if missing:
+                raise ValueError(f"state_dict settings lack {sorted(missing)}")
+            raw["adjoint"] = {k: raw.pop(k) for k in ("reg", "cg_steps", "cg_tol", "hvp")}
+        missing = {"inner_steps", "inner_lr"} - set(raw)
         if missing:
             raise ValueError(f"state_dict settings lack {sorted(missing)}")
         settings = _validated_settings(raw)
+        current = self.adjoint.curvature
+        adjoint = ImplicitAdjoint.from_dict(
+            raw["adjoint"], curvature=None if isinstance(current, str) else current
+        )
         inner_name = raw.get("inner")
         solver, name = (self._solver, self._inner_name)
         if inner_name is not None:
             solver, name = _resolve_inner(str(inner_name))
+        _check_inner_stability(
+            solver, name, settings["inner_lr"], adjoint.reg, settings["inner_options"]
+        )
         # Loading the optimizer can still fail (mismatched groups); it validates before writing.
         backup = copy.deepcopy(self.outer_optimizer.state_dict())
         try:
@@ -693,4 +792,4 @@ class ImplicitMetaOptimizer:
             self.outer_optimizer.load_state_dict(backup)
             raise
         self._solver, self._inner_name = solver, name
-        self._apply_settings(settings)
+        self._apply_settings(settings, adjoint)

@@ -82,7 +82,11 @@ def test_vmap_sum_equals_per_task_calls(
         # In float32 the diagnostics are compared at 1%: CG's residual is a difference of nearly
         # equal vectors, and Adam's normalisation turns rounding in coordinates whose gradient
         # is near zero into order-lr steps, which moves the stationarity norm.
-        rtol = 1e-2 if dtype == torch.float32 else 100 * tol
+        # Adam's normalisation does the same in float64 for the coordinates whose gradient is
+        # at rounding level (BatchNorm's shift before a ReLU): the meta-gradient above still
+        # matches to 1e-10, the stationarity norm only to ~1e-3.
+        loose = dtype == torch.float32 or (inner == "adam" and field == "stationarity")
+        rtol = 1e-2 if loose else 100 * tol
         torch.testing.assert_close(values, reference, rtol=rtol, atol=100 * tol, msg=field)
     assert batched.cg_status.tolist() == [int(s.cg_status) for s in singles]
     for k, v in model.named_buffers():

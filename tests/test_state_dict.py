@@ -78,9 +78,11 @@ def test_torch_optim_class_solver_round_trips_by_name() -> None:
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        (lambda s: s["settings"].update(reg=-1.0), "reg must be positive"),
+        (lambda s: s["settings"]["adjoint"].update(reg=-1.0), "reg must be positive"),
+        (lambda s: s["settings"]["adjoint"].update(curvature="newton"), "unknown curvature"),
+        (lambda s: s["settings"].update(inner="sgd", inner_lr=25.0), "diverges"),
         (lambda s: s["settings"].update(inner="nope"), "unknown inner solver"),
-        (lambda s: s["settings"].pop("cg_steps"), "lack"),
+        (lambda s: s["settings"].pop("inner_steps"), "lack"),
         (lambda s: s.pop("settings"), "must hold"),
         (lambda s: s["outer_optimizer"]["param_groups"].append({"params": [99]}), ""),
     ],

@@ -54,13 +54,15 @@ def build_meta_optimizer(model: nn.Module, config: TrainConfig) -> ImplicitMetaO
 
     Args:
         model: The model whose parameters are meta-learned.
-        config: Inner solver and meta-learning settings.
+        config: Inner solver, adjoint (``reg``, curvature, damping, CG) and meta-learning
+            settings.
 
     Returns:
         The meta-optimizer (Adam over every parameter at ``config.meta_lr``).
 
     Raises:
-        ValueError: If the inner solver name is not registered.
+        ValueError: If the inner solver name is not registered or its step diverges at
+            ``reg``.
 
     Example:
         >>> config = TrainConfig(backbone="conv4-16")
@@ -72,10 +74,9 @@ def build_meta_optimizer(model: nn.Module, config: TrainConfig) -> ImplicitMetaO
     return ImplicitMetaOptimizer(
         model,
         outer,
-        reg=config.reg,
         inner=config.inner,
         inner_steps=config.inner_steps,
         inner_lr=config.inner_lr,
-        cg_steps=config.cg_steps,
         compile_inner=config.compile_inner,
+        adjoint=config.adjoint(),
     )

@@ -8,6 +8,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from implicit_meta.functional.adjoint import ImplicitAdjoint
+from implicit_meta.functional.curvature import CURVATURES
+from implicit_meta.functional.hvp import HVP_MODES
+
 __all__ = [
     "DATASETS",
     "DEVICES",
@@ -84,7 +88,15 @@ class TrainConfig:
         inner_steps: Inner solver steps per task.
         inner_lr: Inner learning rate.
         reg: Proximal regularisation strength lambda.
-        cg_steps: Conjugate-gradient iterations per task.
+        curvature: Curvature of the adjoint system: ``"auto"`` (Gauss-Newton for the
+            cross-entropy the trainer uses), ``"hessian"`` or ``"gauss_newton"`` (see
+            :class:`~implicit_meta.functional.ImplicitAdjoint`).
+        damping: ``delta >= 0`` added to the curvature's diagonal.
+        curvature_scale: Factor on the curvature (1 but to reproduce another code's system).
+        cg_steps: Conjugate-gradient iterations per task; ``0`` is first-order.
+        cg_tol: CG's relative residual tolerance.
+        hvp: Hessian-vector product strategy (``"auto"``, ``"reverse_over_reverse"``,
+            ``"forward_over_reverse"``).
         meta_batch: Tasks per meta-step.
         meta_steps: Maximum number of meta-steps.
         meta_lr: Adam learning rate of the meta-parameters (the peak, with a schedule).
@@ -123,7 +135,12 @@ class TrainConfig:
     inner_steps: int = 5
     inner_lr: float = 0.1
     reg: float = 1.0
+    curvature: str = "auto"
+    damping: float = 0.0
+    curvature_scale: float = 1.0
     cg_steps: int = 5
+    cg_tol: float = 1e-10
+    hvp: str = "auto"
     meta_batch: int = 4
     meta_steps: int = 5000
     meta_lr: float = 3e-3
@@ -166,10 +183,13 @@ class TrainConfig:
         _check_choice("device", self.device, DEVICES)
         _check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         _check_choice("task_strategy", self.task_strategy, TASK_STRATEGIES)
-        for name in ("ways", "shots", "meta_batch", "cg_steps", "log_every", "checkpoint_every"):
+        _check_choice("curvature", self.curvature, CURVATURES)
+        _check_choice("hvp", self.hvp, HVP_MODES)
+        for name in ("ways", "shots", "meta_batch", "log_every", "checkpoint_every"):
             _check_min(name, getattr(self, name), 1)
         for name in ("queries", "inner_steps", "meta_steps", "eval_episodes", "seed", "threads"):
             _check_min(name, getattr(self, name), 0)
+        self.adjoint()  # the adjoint validates its own fields (reg, damping, cg_steps, ...)
         if self.queries < 1:
             raise ValueError("queries must be at least 1 (the outer loss needs a query set)")
         for name in ("inner_lr", "reg", "meta_lr"):
@@ -180,6 +200,26 @@ class TrainConfig:
             raise ValueError(f"time_budget must be >= 0 seconds, got {self.time_budget}")
         if not self.backbone:
             raise ValueError("backbone must be a non-empty spec such as 'conv4'")
+
+    def adjoint(self) -> ImplicitAdjoint:
+        """The linear-solve settings of this run as an :class:`ImplicitAdjoint`.
+
+        Returns:
+            The adjoint with this config's ``reg``, curvature, damping and CG settings.
+
+        Example:
+            >>> TrainConfig(cg_steps=0).adjoint().first_order
+            True
+        """
+        return ImplicitAdjoint(
+            reg=self.reg,
+            curvature=self.curvature,
+            damping=self.damping,
+            curvature_scale=self.curvature_scale,
+            cg_steps=self.cg_steps,
+            cg_tol=self.cg_tol,
+            hvp=self.hvp,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """The config as a dict of str, int, float and None (safe for ``weights_only`` loads).
@@ -293,7 +333,12 @@ _FIELD_TYPES: dict[str, type] = {
     "inner_steps": int,
     "inner_lr": float,
     "reg": float,
+    "curvature": str,
+    "damping": float,
+    "curvature_scale": float,
     "cg_steps": int,
+    "cg_tol": float,
+    "hvp": str,
     "meta_batch": int,
     "meta_steps": int,
     "meta_lr": float,

@@ -6,28 +6,25 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from implicit_meta.losses import OutputLoss, output_loss
+
 __all__ = ["Batch", "accuracy", "cross_entropy", "cross_entropy_and_accuracy"]
 
 Batch = tuple[Tensor, Tensor]
 """An ``(images, labels)`` pair of one task's support or query set."""
 
 
-def cross_entropy(module: nn.Module, batch: Batch) -> Tensor:
-    """Mean cross-entropy of ``module`` on ``(x, y)``: the inner and outer loss of few-shot runs.
+cross_entropy: OutputLoss = output_loss(F.cross_entropy)
+"""Mean cross-entropy of ``module`` on ``(x, y)``: the inner loss of few-shot runs.
 
-    Args:
-        module: Classifier returning logits ``[B, N]``.
-        batch: Images ``[B, ...]`` and int64 labels ``[B]``.
+Called as ``cross_entropy(module, (images [B, ...], int64 labels [B]))``. It is an
+:func:`~implicit_meta.output_loss`, so the adjoint's ``curvature="auto"`` uses its positive
+semidefinite Gauss-Newton curvature.
 
-    Returns:
-        A scalar tensor.
-
-    Example:
-        >>> float(cross_entropy(torch.nn.Identity(), (torch.zeros(2, 4), torch.tensor([0, 3]))))
-        1.3862943649291992
-    """
-    x, y = batch
-    return F.cross_entropy(module(x), y)
+Example:
+    >>> float(cross_entropy(torch.nn.Identity(), (torch.zeros(2, 4), torch.tensor([0, 3]))))
+    1.3862943649291992
+"""
 
 
 def accuracy(logits: Tensor, labels: Tensor) -> Tensor:

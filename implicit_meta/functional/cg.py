@@ -33,12 +33,15 @@ class CGStatus(enum.IntEnum):
         NONPOSITIVE_CURVATURE: A direction ``p`` with ``p^T A p <= 0`` was met, so ``A`` is not
             positive definite there; the last good iterate is returned.
         NONFINITE: A NaN or infinity appeared in ``A p``; the solution is not usable.
+        FIRST_ORDER: No solve was run: the first-order adjoint (``cg_steps=0``) takes ``A = I``,
+            so the meta-gradient is the right-hand side itself. CG never returns it.
     """
 
     CONVERGED = 0
     MAX_STEPS = 1
     NONPOSITIVE_CURVATURE = 2
     NONFINITE = 3
+    FIRST_ORDER = 4
 
 
 class CGResult(NamedTuple):

@@ -7,7 +7,9 @@ For a task with inner loss ``L_in`` and outer loss ``L_out``, the adapted parame
 
 which follows from the implicit function theorem applied to the stationarity condition
 ``grad L_in(phi) + reg (phi - theta) = 0``. Only that condition is differentiated; the solver that
-produced ``phi*`` never is, so memory does not grow with inner steps.
+produced ``phi*`` never is, so memory does not grow with inner steps. Which system is solved, and
+how (a PSD Gauss-Newton curvature, damping, first-order), is the job of
+:class:`~implicit_meta.functional.ImplicitAdjoint`.
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ import torch
 from torch import Tensor
 
 from implicit_meta.functional._grad import inside_transform
-from implicit_meta.functional._tree import Params, tree_axpy, tree_norm, tree_sub
-from implicit_meta.functional.cg import CGResult, conjugate_gradient
-from implicit_meta.functional.hvp import ScalarFn, make_hvp, value_grad_and_hvp
+from implicit_meta.functional._tree import Params
+from implicit_meta.functional.adjoint import ImplicitAdjoint, solve_adjoint, stationarity
+from implicit_meta.functional.cg import CGResult
+from implicit_meta.functional.hvp import ScalarFn
 
 InnerSolverFn = Callable[..., Params]
 
@@ -65,20 +68,25 @@ def implicit_meta_gradient(
     inner_loss: ScalarFn,
     phi: Params,
     outer_grad: Params,
+    adjoint: ImplicitAdjoint | None = None,
     *,
-    reg: float,
-    cg_steps: int,
-    cg_tol: float = 1e-10,
-    hvp_mode: str = "auto",
+    reg: float | None = None,
+    cg_steps: int | None = None,
+    cg_tol: float | None = None,
+    hvp_mode: str | None = None,
 ) -> CGResult:
-    """Solve ``(I + H/reg) g = outer_grad`` by conjugate gradient, ``H`` the Hessian at ``phi``.
+    """Solve ``A g = outer_grad`` at ``phi``, ``A = I + (s C + delta I)/reg`` (see the adjoint).
+
+    Without ``adjoint`` the system is the exact ``I + H/reg``, ``H`` the Hessian of
+    ``inner_loss`` at ``phi``; the keywords set (or override) the adjoint's fields.
 
     Args:
         inner_loss: Inner task loss ``L_in`` (without the proximal term).
-        phi: Adapted parameters at which ``H`` is taken.
+        phi: Adapted parameters at which the curvature is taken.
         outer_grad: ``grad L_out(phi)``, the right-hand side.
+        adjoint: The system and its solver; default ``ImplicitAdjoint(curvature="hessian")``.
         reg: Proximal regularisation strength ``lambda > 0``.
-        cg_steps: CG iterations (Hessian-vector products).
+        cg_steps: CG iterations (curvature-vector products); ``0`` returns ``outer_grad``.
         cg_tol: Relative residual tolerance of CG.
         hvp_mode: Hessian-vector product strategy (see :func:`make_hvp`).
 
@@ -86,7 +94,7 @@ def implicit_meta_gradient(
         The :class:`CGResult`; its ``solution`` is the meta-gradient.
 
     Raises:
-        ValueError: If ``reg <= 0`` or CG's arguments are invalid.
+        ValueError: If a setting is invalid.
 
     Example:
         >>> import torch
@@ -97,26 +105,18 @@ def implicit_meta_gradient(
         >>> out.solution["w"]  # reg * (A + reg I)^-1 @ 1
         tensor([0.5000, 0.3333])
     """
-    if not reg > 0:
-        raise ValueError(f"reg must be positive, got {reg}")
-    _, hvp_fn = make_hvp(inner_loss, phi, mode=hvp_mode)
-    return _solve_with_hvp(hvp_fn, outer_grad, reg=reg, cg_steps=cg_steps, cg_tol=cg_tol)
-
-
-def _solve_with_hvp(
-    hvp_fn: Callable[[Params], Params],
-    outer_grad: Params,
-    *,
-    reg: float,
-    cg_steps: int,
-    cg_tol: float,
-) -> CGResult:
-    inv_reg = 1.0 / reg
-
-    def matvec(v: Params) -> Params:
-        return tree_axpy(inv_reg, hvp_fn(v), v)
-
-    return conjugate_gradient(matvec, outer_grad, max_steps=cg_steps, tol=cg_tol)
+    base = adjoint if adjoint is not None else ImplicitAdjoint(curvature="hessian")
+    changes = {
+        name: value
+        for name, value in (
+            ("reg", reg),
+            ("cg_steps", cg_steps),
+            ("cg_tol", cg_tol),
+            ("hvp", hvp_mode),
+        )
+        if value is not None
+    }
+    return solve_adjoint(base.replace(**changes), inner_loss, phi, outer_grad).cg
 
 
 def check_solver_output(phi: object, theta: Params) -> None:
@@ -230,36 +230,31 @@ def task_meta_gradient(
     outer_loss: Callable[[Params], Any],
     theta: Params,
     solver: InnerSolverFn,
+    adjoint: ImplicitAdjoint,
     *,
-    reg: float,
     steps: int,
     lr: float,
-    cg_steps: int,
-    cg_tol: float = 1e-10,
-    hvp_mode: str = "auto",
     solver_options: dict[str, object] | None = None,
     has_aux: bool = False,
     compile_objective: bool = False,
 ) -> TaskGradient:
     """Adapt ``theta`` to one task with ``solver`` and return the implicit meta-gradient.
 
-    The solver sees detached tensors and the full proximal objective; its path is never
-    differentiated. The gradient of ``L_in`` at ``phi`` comes out of the same graph the
-    Hessian-vector products reuse, so stationarity costs no extra pass.
+    The solver sees detached tensors and the full proximal objective (with ``adjoint.reg``); its
+    path is never differentiated. The gradient of ``L_in`` at ``phi`` comes out of the same
+    forward pass the curvature products reuse, so stationarity costs no extra pass.
 
     Args:
-        inner_loss: ``L_in`` as a function of a parameter dict.
+        inner_loss: ``L_in`` as a function of a parameter dict (a
+            :class:`~implicit_meta.functional.ComposedLoss` for Gauss-Newton curvature).
         outer_loss: ``L_out`` as a function of a parameter dict; with ``has_aux=True`` it
             returns ``(loss, aux)``, ``aux`` a pytree of tensors (query accuracy, say) that comes
             back, evaluated at ``phi``, as :attr:`TaskGradient.outer_aux` at no extra cost.
         theta: Meta-parameters.
         solver: Inner solver ``solver(objective, params, *, steps, lr, **options) -> params``.
-        reg: Proximal regularisation strength ``lambda > 0``.
+        adjoint: The linear system and its solver (``reg``, curvature, damping, CG).
         steps: Inner steps passed to the solver.
         lr: Inner learning rate passed to the solver.
-        cg_steps: CG iterations.
-        cg_tol: Relative residual tolerance of CG.
-        hvp_mode: Hessian-vector product strategy.
         solver_options: Extra keyword arguments for the solver.
         has_aux: Whether ``outer_loss`` returns ``(loss, aux)``.
         compile_objective: Compile the inner objective (see :func:`solve_inner`).
@@ -268,25 +263,24 @@ def task_meta_gradient(
         A :class:`TaskGradient`.
 
     Raises:
-        ValueError: If ``reg <= 0``.
+        ValueError: If the curvature does not fit the inner loss.
 
     Example:
         >>> import torch
+        >>> from implicit_meta.functional import ImplicitAdjoint
         >>> from implicit_meta.solvers import get_inner_solver
         >>> L = lambda p: 0.5 * (p["w"] ** 2).sum()
         >>> out = task_meta_gradient(L, L, {"w": torch.ones(2)}, get_inner_solver("lbfgs"),
-        ...                          reg=1.0, steps=20, lr=1.0, cg_steps=2)
+        ...                          ImplicitAdjoint(reg=1.0, cg_steps=2), steps=20, lr=1.0)
         >>> out.phi["w"]  # argmin 0.5 w^2 + 0.5 (w - 1)^2
         tensor([0.5000, 0.5000])
     """
-    if not reg > 0:
-        raise ValueError(f"reg must be positive, got {reg}")
     theta = {k: v.detach() for k, v in theta.items()}
     phi = solve_inner(
         inner_loss,
         theta,
         solver,
-        reg=reg,
+        reg=adjoint.reg,
         steps=steps,
         lr=lr,
         solver_options=solver_options,
@@ -302,15 +296,13 @@ def task_meta_gradient(
     else:
         outer_grad, outer_value = torch.func.grad_and_value(outer_loss)(phi)
         outer_aux = {}
-    inner_value, inner_grad, hvp_fn = value_grad_and_hvp(inner_loss, phi, mode=hvp_mode)
-    residual = tree_axpy(reg, tree_sub(phi, theta), inner_grad)
-    cg = _solve_with_hvp(hvp_fn, dict(outer_grad), reg=reg, cg_steps=cg_steps, cg_tol=cg_tol)
+    solve = solve_adjoint(adjoint, inner_loss, phi, dict(outer_grad))
     return TaskGradient(
-        meta_grad={k: v.detach() for k, v in cg.solution.items()},
+        meta_grad={k: v.detach() for k, v in solve.cg.solution.items()},
         phi=phi,
-        inner_loss=inner_value,
+        inner_loss=solve.inner_loss,
         outer_loss=outer_value.detach(),
-        stationarity=tree_norm(residual).detach(),
-        cg=cg,
+        stationarity=stationarity(solve.inner_grad, phi, theta, adjoint.reg),
+        cg=solve.cg,
         outer_aux=outer_aux,
     )

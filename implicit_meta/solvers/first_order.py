@@ -67,6 +67,31 @@ def sgd(
     return _run_torchopt(optimizer, objective, params, steps)
 
 
+def proximal_step_limit(momentum: float = 0.0, nesterov: bool = False) -> float:
+    """The largest ``lr * reg`` at which (momentum) SGD still contracts the proximal term.
+
+    The proximal term ``reg/2 ||phi - theta||^2`` alone has curvature ``reg`` in every
+    direction, and a network's loss is nearly flat in most of them, so SGD on the inner problem
+    diverges once ``lr * reg`` reaches the stability limit of a quadratic of curvature ``reg``:
+    ``2`` for plain gradient descent, ``2 (1 + mu)`` for heavy-ball momentum ``mu`` and
+    ``2 (1 + mu) / (1 + 2 mu)`` for Nesterov's.
+
+    Args:
+        momentum: Momentum coefficient ``mu`` in ``[0, 1)``.
+        nesterov: Nesterov momentum.
+
+    Returns:
+        The limit; ``lr * reg`` must stay below it.
+
+    Example:
+        >>> proximal_step_limit(), proximal_step_limit(0.5), proximal_step_limit(0.5, True)
+        (2.0, 3.0, 1.5)
+    """
+    if nesterov:
+        return 2.0 * (1.0 + momentum) / (1.0 + 2.0 * momentum)
+    return 2.0 * (1.0 + momentum)
+
+
 @inner_solver("adam")
 def adam(
     objective: Objective,
