@@ -32,10 +32,10 @@ from implicit_meta.fewshot.config import (
     TrainConfig,
 )
 from implicit_meta.fewshot.device import DeviceUnavailableError
-from implicit_meta.functional.curvature import CURVATURES
-from implicit_meta.functional.hvp import HVP_MODES
 from implicit_meta.fewshot.loading import evaluate_checkpoint
 from implicit_meta.fewshot.trainer import CHECKPOINT_NAME, train
+from implicit_meta.functional.curvature import CURVATURES
+from implicit_meta.functional.hvp import HVP_MODES
 from implicit_meta.models import list_backbones
 
 __all__ = ["build_parser", "main"]
