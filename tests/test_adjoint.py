@@ -119,16 +119,16 @@ def test_hessian_meta_gradient_equals_finite_differences_of_the_bilevel_problem(
 
     def phi_star(t: dict[str, Tensor]) -> dict[str, Tensor]:
         return im.functional.solve_inner(
-            inner, t, solver, reg=reg, steps=30, lr=1.0, solver_options={"cg_steps": 200}
+            inner, t, solver, reg=reg, steps=12, lr=1.0, solver_options={"cg_steps": 60}
         )
 
     meta = im.ImplicitMetaOptimizer(
         model,
         torch.optim.SGD(model.parameters(), lr=0.1),
         inner="newton_cg",
-        inner_steps=30,
+        inner_steps=12,
         inner_lr=1.0,
-        inner_options={"cg_steps": 200},
+        inner_options={"cg_steps": 60},
         adjoint=ImplicitAdjoint(reg=reg, curvature="hessian", cg_steps=300, cg_tol=1e-13),
     )
     result = meta.meta_backward(CE, support, query)

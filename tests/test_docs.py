@@ -221,3 +221,15 @@ def test_math_renders_offline(built_site: Path) -> None:
     concepts = (built_site / "concepts" / "index.html").read_text(encoding="utf-8")
     assert 'class="arithmatex"' in concepts
     assert (built_site / "javascripts" / "mathjax.js").is_file()
+
+
+def test_readme_python_blocks_run() -> None:
+    """Every ```python block of README.md runs as written, in one namespace, in order."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert blocks, "README.md has no python block"
+    namespace: dict[str, object] = {"__name__": "readme"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for index, block in enumerate(blocks):
+            exec(compile(block, f"README.md block {index}", "exec"), namespace)
