@@ -296,6 +296,7 @@ class ImplicitMetaOptimizer:
         self._inner_name = inner_name
         self._apply_settings(settings, resolved_adjoint)
         self._warned: set[str] = set()
+        self._vmap_failure: str | None = None
 
     def _apply_settings(self, settings: Mapping[str, Any], adjoint: ImplicitAdjoint) -> None:
         self.adjoint: ImplicitAdjoint = adjoint
@@ -543,12 +544,17 @@ class ImplicitMetaOptimizer:
             strategy = self._auto_strategy(next(iter(theta.values())).device)
         tasks: TaskGradient | None = None
         if strategy == "vmap":
-            reason = getattr(self._solver, "vmap_unsupported", None)
+            # A failure is remembered: a model that vmap rejects would otherwise pay for a
+            # failed vmapped solve at every meta-step.
+            reason = getattr(self._solver, "vmap_unsupported", None) or self._vmap_failure
             if reason is None:
                 try:
                     tasks = self._solve_tasks_vmap(loss_fn, support, query, outer_loss_fn, count)
+                except torch.OutOfMemoryError:
+                    raise  # out of memory is not "unsupported": the loop is no answer to it
                 except (RuntimeError, NotImplementedError) as error:
                     reason = f"{type(error).__name__}: {str(error).splitlines()[0]}"
+                    self._vmap_failure = reason
             if tasks is None:
                 self._warn_once(
                     "vmap",

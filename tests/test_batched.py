@@ -148,6 +148,32 @@ def test_model_that_vmap_rejects_falls_back_to_loop() -> None:
     with pytest.warns(RuntimeWarning, match="falls back to a loop"):
         result = meta.meta_backward_batch(ce, support, support, strategy="vmap")
     assert result.outer_loss.shape == (TASKS,)
+    # The failure is remembered: later calls go straight to the loop.
+    tries: list[int] = []
+    original = meta._solve_tasks_vmap
+
+    def counting(*args: object) -> object:
+        tries.append(1)
+        return original(*args)  # type: ignore[arg-type]
+
+    meta._solve_tasks_vmap = counting  # type: ignore[method-assign]
+    meta.meta_backward_batch(ce, support, support, strategy="vmap")
+    assert tries == []
+
+
+def test_out_of_memory_under_vmap_is_not_treated_as_unsupported() -> None:
+    model = nn.Linear(4, 3)
+    support = (torch.randn(TASKS, 6, 4), torch.randint(0, 3, (TASKS, 6)))
+    meta = im.ImplicitMetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1))
+
+    def out_of_memory(*args: object) -> object:
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    meta._solve_tasks_vmap = out_of_memory  # type: ignore[method-assign]
+    with pytest.raises(torch.OutOfMemoryError):
+        meta.meta_backward_batch(ce, support, support, strategy="vmap")
+    assert all(p.grad is None for p in model.parameters())
+    assert meta._vmap_failure is None
 
 
 @pytest.mark.parametrize("inner_steps", [2, 200])
