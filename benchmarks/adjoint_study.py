@@ -9,12 +9,14 @@ classes) with each adjoint below, the same tasks and seeds for all, 5 SGD inner 
 reg 1, CG 5, meta-batch 4, Adam 3e-3 with a cosine decay over the meta-steps (no clock in the
 arithmetic), then scores 600 held-out episodes (mean +- 95% CI) and the untrained
 initialisation under the same adaptation on the same episodes. It records the share of tasks per
-CG status, and, on the seed-0 model each method trained, the cosine between that method's
-meta-gradient and a converged reference of its own system (SciPy MINRES to 1e-10 in float64,
-which needs only symmetry) over 16 training tasks. Setting 1: 5-way 1-shot, every method, every
-seed. Setting 2: 20-way 1-shot, one seed, first-order, Gauss-Newton and the best of the rest in
-setting 1. Each finished run is written at once to ``benchmarks/results/adjoint_study.json``, so
-an interrupted study keeps what it has and skips it when run again.
+CG status. Then, on one meta-trained network (the seed-0 5-way Gauss-Newton run), it measures
+for every method the cosine between its meta-gradient and a converged reference of its own
+system (SciPy MINRES, which needs only symmetry, to a relative residual of 1e-6 or 300
+iterations, float32 products), and against the exact system I + H/reg, over 8 training tasks.
+Setting 1: 5-way 1-shot, every method, every seed. Setting 2: 20-way 1-shot, one seed,
+first-order, Gauss-Newton and the best of the rest in setting 1. Each finished run is written
+at once to ``benchmarks/results/adjoint_study.json``, so an interrupted study keeps what it has
+and skips it when run again.
 
 ``timing`` measures seconds per meta-step of every method side by side in one process (run it
 on a quiet machine; the training runs are not timed). ``report`` prints the tables as Markdown.
@@ -64,6 +66,7 @@ from implicit_meta.solvers import get_inner_solver
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "adjoint_study.json"
+MODELS = ROOT / "benchmarks" / "results" / "adjoint_study_models"  # not committed
 BASE = TrainConfig(
     shots=1,
     queries=15,
@@ -92,8 +95,9 @@ METHODS: dict[str, dict[str, Any]] = {
     "newton_cg": {"curvature": "hessian", "inner": "newton_cg", "inner_steps": 2, "inner_lr": 1.0},
 }
 EVAL_EPISODES = 600
-COSINE_TASKS = 16
+COSINE_TASKS = 8
 MINRES_STEPS = 300
+MINRES_RTOL = 1e-6
 
 
 def load() -> dict[str, Any]:
@@ -133,8 +137,7 @@ def system_cosines(config: TrainConfig, model: torch.nn.Module, splits: Any) -> 
     sampler = EpisodeSampler(
         splits.train, config.ways, config.shots, config.queries, 999, torch.device("cpu")
     )
-    model64 = model.double()
-    theta, frozen, buffers = split_state(model64)
+    theta, frozen, buffers = split_state(model)
     names = list(theta)
     shapes = [theta[k].shape for k in names]
     sizes = [theta[k].numel() for k in names]
@@ -143,19 +146,24 @@ def system_cosines(config: TrainConfig, model: torch.nn.Module, splits: Any) -> 
     residuals: dict[str, list[float]] = {}
     for _ in range(COSINE_TASKS):
         ep = sampler.sample(1)
-        support = (ep.xs[0].double(), ep.ys[0])
-        query = (ep.xq[0].double(), ep.yq[0])
-        inner = functional_inner_loss(model64, cross_entropy, support, frozen, buffers)
-        outer = functional_loss(model64, cross_entropy, query, frozen, buffers)
+        support = (ep.xs[0], ep.ys[0])
+        query = (ep.xq[0], ep.yq[0])
+        inner = functional_inner_loss(model, cross_entropy, support, frozen, buffers)
+        outer = functional_loss(model, cross_entropy, query, frozen, buffers)
         phi = solve_inner(
             inner, theta, solver, reg=config.reg, steps=config.inner_steps, lr=config.inner_lr
         )
         b = dict(torch.func.grad(outer)(phi))
         ours = solve_adjoint(adjoint, inner, phi, b).cg.solution
-        mine = torch.cat([ours[k].reshape(-1) for k in names]).numpy()
-        flat_b = torch.cat([b[k].reshape(-1) for k in names]).numpy()
+        mine = torch.cat([ours[k].reshape(-1) for k in names]).double().numpy()
+        flat_b = torch.cat([b[k].reshape(-1) for k in names]).double().numpy()
         systems = {"exact": ("hessian", 1.0, 1.0 / config.reg)}
-        if not adjoint.first_order:
+        own_is_exact = (
+            resolve_curvature(adjoint.curvature, inner) == "hessian"
+            and adjoint.damping == 0.0
+            and adjoint.curvature_scale == 1.0
+        )
+        if not adjoint.first_order and not own_is_exact:
             curvature = resolve_curvature(adjoint.curvature, inner)
             systems["own"] = (
                 curvature,
@@ -169,7 +177,9 @@ def system_cosines(config: TrainConfig, model: torch.nn.Module, splits: Any) -> 
             cosine = float(mine @ reference / (np.linalg.norm(mine) * np.linalg.norm(reference)))
             found.setdefault(name, []).append(cosine)
             residuals.setdefault(name, []).append(residual)
-    model.float()
+            if name == "exact" and own_is_exact and not adjoint.first_order:
+                found.setdefault("own", []).append(cosine)
+                residuals.setdefault("own", []).append(residual)
     out: dict[str, float] = {}
     for name, values in found.items():
         out[f"cosine_{name}_mean"] = float(np.mean(values))
@@ -182,7 +192,7 @@ def minres_solve(
     curvature: Any,
     inner: Any,
     phi: dict[str, torch.Tensor],
-    flat_b: np.ndarray,
+    flat_b: np.ndarray,  # float64
     identity: float,
     weight: float,
     names: list[str],
@@ -192,19 +202,24 @@ def minres_solve(
     _, _, product = curvature_products(curvature, inner, phi)
 
     def np_matvec(x: np.ndarray) -> np.ndarray:
-        parts = torch.split(torch.from_numpy(np.ascontiguousarray(x)), sizes)
-        v = {k: p.view(sh) for k, p, sh in zip(names, parts, shapes, strict=True)}
+        # Products in the model's float32 (float64 convolutions are ~10x slower on a CPU);
+        # MINRES itself runs in float64.
+        flat = torch.from_numpy(np.ascontiguousarray(x)).to(torch.float32)
+        v = {
+            k: p.view(sh) for k, p, sh in zip(names, torch.split(flat, sizes), shapes, strict=True)
+        }
         cv = product(v)
-        return torch.cat([(identity * v[k] + weight * cv[k]).reshape(-1) for k in names]).numpy()
+        out = torch.cat([(identity * v[k] + weight * cv[k]).reshape(-1) for k in names])
+        return out.double().numpy()
 
     size = sum(sizes)
     operator = LinearOperator((size, size), matvec=np_matvec, dtype=np.float64)
-    reference, _ = minres(operator, flat_b, rtol=1e-10, maxiter=MINRES_STEPS)
+    reference, _ = minres(operator, flat_b, rtol=MINRES_RTOL, maxiter=MINRES_STEPS)
     residual = float(np.linalg.norm(np_matvec(reference) - flat_b) / np.linalg.norm(flat_b))
     return reference, residual
 
 
-def train_run(config: TrainConfig, splits: Any, cosine: bool) -> dict[str, Any]:
+def train_run(config: TrainConfig, splits: Any, key: str) -> dict[str, Any]:
     torch.manual_seed(config.seed)
     model = build_model(config, splits.train.image_shape, "cpu")
     meta = build_meta_optimizer(model, config)
@@ -238,8 +253,8 @@ def train_run(config: TrainConfig, splits: Any, cosine: bool) -> dict[str, Any]:
         "status_share": {k: v / total for k, v in counts.items() if v},
         **evaluate(config, model, splits),
     }
-    if cosine:
-        run.update(system_cosines(config, model, splits))
+    MODELS.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), MODELS / f"{key.replace('/', '-')}.pt")
     return run
 
 
@@ -274,6 +289,13 @@ def train_all(args: argparse.Namespace) -> None:
     results = load()
     while True:
         todo = [r for r in plan(args, results) if f"{r[1]}w/{r[0]}/{r[3]}" not in results["runs"]]
+        cheap_done = not any(r[1] == 5 and r[0] != "newton_cg" for r in todo)
+        twenty_done = cheap_done and not any(r[1] == 20 for r in todo)
+        if twenty_done and not results.get("cosines"):
+            results["cosines"] = cosines_on_one_network(args.seeds[0], splits)
+            save(results)
+            print(json.dumps({"cosines": results["cosines"]}), flush=True)
+            continue
         if not todo:
             break
         method, ways, steps, seed = todo[0]
@@ -283,10 +305,22 @@ def train_all(args: argparse.Namespace) -> None:
         if base_key not in results["baselines"]:
             results["baselines"][base_key] = baseline(config, splits)
             save(results)
-        run = train_run(config, splits, cosine=(seed == args.seeds[0]))
+        run = train_run(config, splits, key=key)
         results["runs"][key] = run
         save(results)
         print(json.dumps({key: {k: v for k, v in run.items() if k != "config"}}), flush=True)
+
+
+def cosines_on_one_network(seed: int, splits: Any) -> dict[str, Any]:
+    """Every method's meta-gradient on the 5-way Gauss-Newton-trained network of ``seed``."""
+    reference = config_for("gauss_newton", 5, 1, seed)
+    model = build_model(reference, splits.train.image_shape, "cpu")
+    model.load_state_dict(torch.load(MODELS / f"5w-gauss_newton-{seed}.pt", weights_only=True))
+    found: dict[str, Any] = {"network": f"5w/gauss_newton/{seed}"}
+    for method in METHODS:
+        found[method] = system_cosines(config_for(method, 5, 1, seed), model, splits)
+        print(json.dumps({method: found[method]}), flush=True)
+    return found
 
 
 def timing(args: argparse.Namespace) -> None:
@@ -320,34 +354,45 @@ def pct(result: dict[str, float]) -> str:
     return f"{100 * result['accuracy']:.1f}% ± {100 * result['ci95']:.1f}%"
 
 
-def report(_: argparse.Namespace) -> None:
+def report(args: argparse.Namespace) -> None:
     results = load()
     for ways in (5, 20):
         rows = sorted(k for k in results["runs"] if k.startswith(f"{ways}w/"))
         if not rows:
             continue
-        print(f"\n{ways}-way 1-shot\n")
         print(
-            "| method | seed | held-out accuracy | init, same adaptation | s / meta-step "
-            "| CG status | cosine to own system (mean, min) | cosine to exact I + H/reg |"
+            f"\n{ways}-way 1-shot, {results['runs'][rows[0]]['config']['meta_steps']} meta-steps\n"
         )
-        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-        for key in rows:
-            _, method, seed = key.split("/")
-            run = results["runs"][key]
-            base = results["baselines"][f"{ways}w/{run['config']['inner']}/{seed}"]
-            shares = ", ".join(f"{k} {100 * v:.0f}%" for k, v in run["status_share"].items())
-            own = exact = "-"
-            if "cosine_own_mean" in run:
-                own = f"{run['cosine_own_mean']:.3f}, {run['cosine_own_min']:.3f}"
-            if "cosine_exact_mean" in run:
-                exact = f"{run['cosine_exact_mean']:.3f}, {run['cosine_exact_min']:.3f}"
-            sec = results["timing"].get(f"{ways}w/{method}")
-            seconds = f"{sec:.2f}" if sec is not None else "-"
-            print(
-                f"| {method} | {seed} | {pct(run)} | {pct(base)} | {seconds} | {shares} "
-                f"| {own} | {exact} |"
-            )
+        print(
+            "| method | seed | held-out accuracy | init, same adaptation | s / step | CG status |"
+        )
+        print("| --- | --- | --- | --- | --- | --- |")
+        for method in METHODS:
+            for key in (k for k in rows if k.split("/")[1] == method):
+                seed = key.split("/")[2]
+                run = results["runs"][key]
+                base = results["baselines"][f"{ways}w/{run['config']['inner']}/{seed}"]
+                shares = ", ".join(f"{k} {100 * v:.0f}%" for k, v in run["status_share"].items())
+                sec = results["timing"].get(f"{ways}w/{method}")
+                seconds = f"{sec:.2f}" if sec is not None else "-"
+                print(f"| {method} | {seed} | {pct(run)} | {pct(base)} | {seconds} | {shares} |")
+    found = results.get("cosines")
+    if found:
+        print(f"\nCosines on {found['network']} ({COSINE_TASKS} training tasks)\n")
+        print(
+            "| method | to a converged solve of its own system (mean, min) "
+            "| to the exact I + H/reg (mean, min) | exact-system MINRES residual (max) |"
+        )
+        print("| --- | --- | --- | --- |")
+        for method in METHODS:
+            if method not in found:
+                continue
+            row = found[method]
+            own = "-"
+            if "cosine_own_mean" in row:
+                own = f"{row['cosine_own_mean']:.3f}, {row['cosine_own_min']:.3f}"
+            exact = f"{row['cosine_exact_mean']:.3f}, {row['cosine_exact_min']:.3f}"
+            print(f"| {method} | {own} | {exact} | {row['reference_exact_residual_max']:.1e} |")
 
 
 def main() -> None:
