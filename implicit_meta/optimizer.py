@@ -25,7 +25,7 @@ from implicit_meta._module import (
 from implicit_meta.functional._tree import Params
 from implicit_meta.functional.adjoint import ImplicitAdjoint
 from implicit_meta.functional.cg import CGStatus
-from implicit_meta.functional.curvature import resolve_curvature
+from implicit_meta.functional.curvature import CurvatureFn, resolve_curvature
 from implicit_meta.functional.implicit import TaskGradient, solve_inner, task_meta_gradient
 from implicit_meta.result import MetaBackwardResult
 from implicit_meta.solvers.first_order import proximal_step_limit, sgd
@@ -297,6 +297,7 @@ class ImplicitMetaOptimizer:
         self._apply_settings(settings, resolved_adjoint)
         self._warned: set[str] = set()
         self._vmap_failure: str | None = None
+        self._curvature_in_use: str | CurvatureFn = self.adjoint.curvature
 
     def _apply_settings(self, settings: Mapping[str, Any], adjoint: ImplicitAdjoint) -> None:
         self.adjoint: ImplicitAdjoint = adjoint
@@ -352,7 +353,7 @@ class ImplicitMetaOptimizer:
         # Before any solve: Gauss-Newton asked of a plain loss_fn fails here, with the fix.
         if not self.adjoint.first_order:
             inner_loss = functional_inner_loss(self.model, loss_fn, support, frozen, buffers)
-            resolve_curvature(self.adjoint.curvature, inner_loss)
+            self._curvature_in_use = resolve_curvature(self.adjoint.curvature, inner_loss)
 
     def _warn_once(self, key: str, message: str) -> None:
         if key in self._warned:
@@ -402,9 +403,10 @@ class ImplicitMetaOptimizer:
             )
         bad_curvature = statuses.count(int(CGStatus.NONPOSITIVE_CURVATURE))
         if bad_curvature:
+            system = self.adjoint.replace(curvature=self._curvature_in_use).describe()
             self._warn_once(
                 "curvature",
-                f"the adjoint system {self.adjoint.describe()} is not positive definite at the "
+                f"the adjoint system {system} is not positive definite at the "
                 f"adapted parameters in {bad_curvature} of {count} tasks; CG stopped early there "
                 "and the meta-gradient is far from the solve. "
                 + _CURVATURE_REMEDY
