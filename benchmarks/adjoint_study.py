@@ -18,6 +18,9 @@ first-order, Gauss-Newton and the best of the rest in setting 1. Each finished r
 at once to ``benchmarks/results/adjoint_study.json``, so an interrupted study keeps what it has
 and skips it when run again.
 
+``train --only newton_cg --steps 70 --seeds 0`` trains one method alone (into its own file,
+so it can run beside the main study); ``report`` merges it in.
+
 ``timing`` measures seconds per meta-step of every method side by side in one process (run it
 on a quiet machine; the training runs are not timed). ``report`` prints the tables as Markdown.
 
@@ -100,17 +103,27 @@ MINRES_STEPS = 300
 MINRES_RTOL = 1e-6
 
 
-def load() -> dict[str, Any]:
-    if RESULTS.exists():
-        return dict(json.loads(RESULTS.read_text()))
+def load(path: Path = RESULTS) -> dict[str, Any]:
+    if path.exists():
+        return dict(json.loads(path.read_text()))
     return {"runs": {}, "baselines": {}, "timing": {}}
 
 
-def save(results: dict[str, Any]) -> None:
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    tmp = RESULTS.with_suffix(".tmp")
+def save(results: dict[str, Any], path: Path = RESULTS) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(results, indent=1) + "\n")
-    tmp.replace(RESULTS)
+    tmp.replace(path)
+
+
+def load_all() -> dict[str, Any]:
+    """The main results with those of ``--only`` runs (their own files) merged in."""
+    results = load()
+    for extra in sorted(RESULTS.parent.glob("adjoint_study_*.json")):
+        more = load(extra)
+        for part in ("runs", "baselines", "timing"):
+            results.setdefault(part, {}).update(more.get(part, {}))
+    return results
 
 
 def config_for(method: str, ways: int, steps: int, seed: int) -> TrainConfig:
@@ -265,6 +278,8 @@ def baseline(config: TrainConfig, splits: Any) -> dict[str, float]:
 
 
 def plan(args: argparse.Namespace, results: dict[str, Any]) -> list[tuple[str, int, int, int]]:
+    if args.only:
+        return [(args.only, 5, args.steps, seed) for seed in args.seeds]
     cheap = [m for m in METHODS if m != "newton_cg"]
     runs = [(m, 5, args.steps, seed) for seed in args.seeds for m in cheap]
     # The best second-order alternative to Gauss-Newton on setting 1, by its mean over seeds.
@@ -284,16 +299,17 @@ def mean_accuracy(results: dict[str, Any], method: str, seeds: list[int]) -> flo
 
 
 def train_all(args: argparse.Namespace) -> None:
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     splits = load_splits("omniglot", None, "paper")
-    results = load()
+    path = RESULTS.with_name(f"adjoint_study_{args.only}.json") if args.only else RESULTS
+    results = load(path)
     while True:
         todo = [r for r in plan(args, results) if f"{r[1]}w/{r[0]}/{r[3]}" not in results["runs"]]
         cheap_done = not any(r[1] == 5 and r[0] != "newton_cg" for r in todo)
         twenty_done = cheap_done and not any(r[1] == 20 for r in todo)
-        if twenty_done and not results.get("cosines"):
+        if twenty_done and not results.get("cosines") and not args.only:
             results["cosines"] = cosines_on_one_network(args.seeds[0], splits)
-            save(results)
+            save(results, path)
             print(json.dumps({"cosines": results["cosines"]}), flush=True)
             continue
         if not todo:
@@ -304,10 +320,10 @@ def train_all(args: argparse.Namespace) -> None:
         base_key = f"{ways}w/{config.inner}/{seed}"
         if base_key not in results["baselines"]:
             results["baselines"][base_key] = baseline(config, splits)
-            save(results)
+            save(results, path)
         run = train_run(config, splits, key=key)
         results["runs"][key] = run
-        save(results)
+        save(results, path)
         print(json.dumps({key: {k: v for k, v in run.items() if k != "config"}}), flush=True)
 
 
@@ -355,18 +371,17 @@ def pct(result: dict[str, float]) -> str:
 
 
 def report(args: argparse.Namespace) -> None:
-    results = load()
+    results = load_all()
     for ways in (5, 20):
         rows = sorted(k for k in results["runs"] if k.startswith(f"{ways}w/"))
         if not rows:
             continue
+        print(f"\n{ways}-way 1-shot\n")
         print(
-            f"\n{ways}-way 1-shot, {results['runs'][rows[0]]['config']['meta_steps']} meta-steps\n"
+            "| method | seed | meta-steps | held-out accuracy | init, same adaptation "
+            "| s / step | CG status |"
         )
-        print(
-            "| method | seed | held-out accuracy | init, same adaptation | s / step | CG status |"
-        )
-        print("| --- | --- | --- | --- | --- | --- |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
         for method in METHODS:
             for key in (k for k in rows if k.split("/")[1] == method):
                 seed = key.split("/")[2]
@@ -375,7 +390,11 @@ def report(args: argparse.Namespace) -> None:
                 shares = ", ".join(f"{k} {100 * v:.0f}%" for k, v in run["status_share"].items())
                 sec = results["timing"].get(f"{ways}w/{method}")
                 seconds = f"{sec:.2f}" if sec is not None else "-"
-                print(f"| {method} | {seed} | {pct(run)} | {pct(base)} | {seconds} | {shares} |")
+                steps = run["config"]["meta_steps"]
+                print(
+                    f"| {method} | {seed} | {steps} | {pct(run)} | {pct(base)} | {seconds} "
+                    f"| {shares} |"
+                )
     found = results.get("cosines")
     if found:
         print(f"\nCosines on {found['network']} ({COSINE_TASKS} training tasks)\n")
@@ -402,6 +421,13 @@ def main() -> None:
     parser.add_argument("--steps-20way", type=int, default=200)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--timing-steps", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument(
+        "--only",
+        choices=list(METHODS),
+        default=None,
+        help="train just this method on 5-way (its results go to adjoint_study_<method>.json)",
+    )
     args = parser.parse_args()
     {"train": train_all, "timing": timing, "report": report}[args.command](args)
 
