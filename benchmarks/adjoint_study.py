@@ -21,6 +21,9 @@ and skips it when run again.
 ``train --only newton_cg --steps 70 --seeds 0`` trains one method alone (into its own file,
 so it can run beside the main study); ``report`` merges it in.
 
+``weights --network 5w-hessian-0`` prints, for 32 tasks on a saved network, ||x|| / ||b|| of
+the Hessian, damped and Gauss-Newton solves: whether a few tasks dominate a meta-batch.
+
 ``timing`` measures seconds per meta-step of every method side by side in one process (run it
 on a quiet machine; the training runs are not timed). ``report`` prints the tables as Markdown.
 
@@ -370,6 +373,41 @@ def pct(result: dict[str, float]) -> str:
     return f"{100 * result['accuracy']:.1f}% ± {100 * result['ci95']:.1f}%"
 
 
+def weights(args: argparse.Namespace) -> None:
+    """||x|| / ||b|| per task for each adjoint on one saved network: do a few tasks dominate?"""
+    torch.set_num_threads(args.threads)
+    splits = load_splits("omniglot", None, "paper")
+    config = config_for("hessian", 5, 1, 0)
+    model = build_model(config, splits.train.image_shape, "cpu")
+    model.load_state_dict(torch.load(MODELS / f"{args.network}.pt", weights_only=True))
+    theta, frozen, buffers = split_state(model)
+    sampler = EpisodeSampler(splits.train, 5, 1, 15, 4242, torch.device("cpu"))
+    episodes = [sampler.sample(1) for _ in range(32)]
+    found: dict[str, Any] = {"network": args.network}
+    for method in ("hessian", "official_damped", "gauss_newton"):
+        adjoint = config_for(method, 5, 1, 0).adjoint()
+        ratios = []
+        for ep in episodes:
+            support, query = (ep.xs[0], ep.ys[0]), (ep.xq[0], ep.yq[0])
+            inner = functional_inner_loss(model, cross_entropy, support, frozen, buffers)
+            outer = functional_loss(model, cross_entropy, query, frozen, buffers)
+            phi = solve_inner(inner, theta, get_inner_solver("sgd"), reg=1.0, steps=5, lr=0.1)
+            b = dict(torch.func.grad(outer)(phi))
+            x = solve_adjoint(adjoint, inner, phi, b).cg.solution
+            norm = lambda t: float(torch.cat([v.reshape(-1) for v in t.values()]).norm())  # noqa: E731
+            ratios.append(norm(x) / norm(b))
+        ordered = sorted(ratios)
+        found[method] = {
+            "median": ordered[len(ordered) // 2],
+            "max": ordered[-1],
+            "top_task_share": ordered[-1] / sum(ordered),
+        }
+        print(json.dumps({method: found[method]}), flush=True)
+    results = load(RESULTS.with_name("adjoint_study_weights.json"))
+    results.setdefault("weights", {})[args.network] = found
+    save(results, RESULTS.with_name("adjoint_study_weights.json"))
+
+
 def report(args: argparse.Namespace) -> None:
     results = load_all()
     for ways in (5, 20):
@@ -416,7 +454,8 @@ def report(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=("train", "timing", "report"))
+    parser.add_argument("command", choices=("train", "timing", "report", "weights"))
+    parser.add_argument("--network", default="5w-hessian-0", help="saved model for `weights`")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--steps-20way", type=int, default=200)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
@@ -429,7 +468,8 @@ def main() -> None:
         help="train just this method on 5-way (its results go to adjoint_study_<method>.json)",
     )
     args = parser.parse_args()
-    {"train": train_all, "timing": timing, "report": report}[args.command](args)
+    commands = {"train": train_all, "timing": timing, "report": report, "weights": weights}
+    commands[args.command](args)
 
 
 if __name__ == "__main__":
