@@ -39,6 +39,20 @@ class _LossModule(nn.Module):
         return self.loss_fn(self.model, batch)
 
 
+def _call_state(
+    params: Mapping[str, Tensor],
+    frozen: Mapping[str, Tensor],
+    buffers: Mapping[str, Tensor],
+    prefix: str,
+) -> dict[str, Tensor]:
+    # Buffers are cloned on every call: in-place updates (BatchNorm running statistics) land in
+    # the clones and are thrown away.
+    state = {prefix + k: v for k, v in params.items()}
+    state.update({prefix + k: v for k, v in frozen.items()})
+    state.update({prefix + k: v.clone() for k, v in buffers.items()})
+    return state
+
+
 def split_state(model: nn.Module) -> tuple[Params, Params, Params]:
     """Split a model's tensors into trainable parameters, frozen parameters and buffers.
 
@@ -147,12 +161,9 @@ def functional_loss_and_aux(
         (``{}`` when ``loss_fn`` returns a bare tensor).
     """
     wrapper = _LossModule(model, loss_fn)
-    constants = {_PREFIX + k: v for k, v in frozen.items()}
 
     def loss_and_aux(params: Params) -> tuple[Tensor, Any]:
-        state: dict[str, Tensor] = {_PREFIX + k: v for k, v in params.items()}
-        state.update(constants)
-        state.update({_PREFIX + k: v.clone() for k, v in buffers.items()})
+        state = _call_state(params, frozen, buffers, _PREFIX)
         value = torch.func.functional_call(wrapper, state, (batch,), strict=False)
         return split_loss_and_aux(value, what)
 
@@ -219,9 +230,7 @@ def functional_inner_loss(
     criterion_fn = loss_fn.criterion
 
     def outputs(params: Params) -> Tensor:
-        state: dict[str, Tensor] = dict(params)
-        state.update(frozen)
-        state.update({k: v.clone() for k, v in buffers.items()})
+        state = _call_state(params, frozen, buffers, "")
         value = torch.func.functional_call(model, state, (inputs,), strict=False)
         if not isinstance(value, Tensor):
             raise TypeError(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import math
 import numbers
 import warnings
 from collections.abc import Callable, Mapping
@@ -22,6 +21,7 @@ from implicit_meta._module import (
     functional_loss_and_aux,
     split_state,
 )
+from implicit_meta.functional._checks import check_int, check_real
 from implicit_meta.functional._tree import Params
 from implicit_meta.functional.adjoint import ImplicitAdjoint
 from implicit_meta.functional.cg import CGStatus
@@ -63,35 +63,14 @@ def _resolve_inner(inner: InnerSpec) -> tuple[Callable[..., Params], str | None]
     )
 
 
-def _check_int(value: object, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be at least {minimum}, got {value}")
-    return int(value)
-
-
-def _check_float(value: object, name: str, *, positive: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {value!r}")
-    number = float(value)
-    if not math.isfinite(number):
-        raise ValueError(f"{name} must be finite, got {number}")
-    if positive and number <= 0:
-        raise ValueError(f"{name} must be positive, got {number}")
-    if not positive and number < 0:
-        raise ValueError(f"{name} must be non-negative, got {number}")
-    return number
-
-
 def _validated_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
     """The inner-loop settings, checked (the linear solve's live in :class:`ImplicitAdjoint`)."""
     options = settings.get("inner_options")
     if options is not None and not isinstance(options, Mapping):
         raise TypeError(f"inner_options must be a dict or None, got {type(options).__name__}")
     return {
-        "inner_steps": _check_int(settings["inner_steps"], "inner_steps", 0),
-        "inner_lr": _check_float(settings["inner_lr"], "inner_lr", positive=True),
+        "inner_steps": check_int(settings["inner_steps"], "inner_steps", 0),
+        "inner_lr": check_real(settings["inner_lr"], "inner_lr", positive=True),
         "inner_options": dict(options or {}),
         "compile_inner": _check_bool(settings.get("compile_inner", False), "compile_inner"),
     }

@@ -17,8 +17,6 @@ holds one, and its settings round-trip through :meth:`ImplicitAdjoint.to_dict`.
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -26,6 +24,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from implicit_meta.functional._checks import check_int, check_real
 from implicit_meta.functional._tree import Params, tree_axpy, tree_norm, tree_scale, tree_sub
 from implicit_meta.functional.cg import CGResult, CGStatus, conjugate_gradient
 from implicit_meta.functional.curvature import (
@@ -80,20 +79,13 @@ class ImplicitAdjoint:
 
     def __post_init__(self) -> None:
         """Validate every field (and store numbers as plain ``float``/``int``)."""
-        object.__setattr__(self, "reg", _real(self.reg, "reg", positive=True))
-        object.__setattr__(self, "damping", _real(self.damping, "damping", positive=False))
-        object.__setattr__(
-            self, "curvature_scale", _real(self.curvature_scale, "curvature_scale", positive=True)
-        )
-        object.__setattr__(self, "cg_tol", _real(self.cg_tol, "cg_tol", positive=False))
-        if isinstance(self.cg_steps, bool) or not isinstance(self.cg_steps, numbers.Integral):
-            raise TypeError(f"cg_steps must be an integer, got {self.cg_steps!r}")
-        if self.cg_steps < 0:
-            raise ValueError(
-                f"cg_steps must be at least 0 (0 is the first-order meta-gradient), "
-                f"got {self.cg_steps}"
-            )
-        object.__setattr__(self, "cg_steps", int(self.cg_steps))
+        object.__setattr__(self, "reg", check_real(self.reg, "reg", positive=True))
+        object.__setattr__(self, "damping", check_real(self.damping, "damping", positive=False))
+        scale = check_real(self.curvature_scale, "curvature_scale", positive=True)
+        object.__setattr__(self, "curvature_scale", scale)
+        object.__setattr__(self, "cg_tol", check_real(self.cg_tol, "cg_tol", positive=False))
+        # cg_steps=0 is allowed: it is the first-order meta-gradient.
+        object.__setattr__(self, "cg_steps", check_int(self.cg_steps, "cg_steps", 0))
         if isinstance(self.curvature, str):
             if self.curvature not in CURVATURES:
                 raise ValueError(
@@ -237,19 +229,6 @@ class ImplicitAdjoint:
         if self.damping:
             term = f"({term} + {self.damping:g} I)"
         return f"I + {term}/{self.reg:g}, CG {self.cg_steps}"
-
-
-def _real(value: object, name: str, *, positive: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {value!r}")
-    number = float(value)
-    if not math.isfinite(number):
-        raise ValueError(f"{name} must be finite, got {number}")
-    if positive and number <= 0:
-        raise ValueError(f"{name} must be positive, got {number}")
-    if not positive and number < 0:
-        raise ValueError(f"{name} must be non-negative, got {number}")
-    return number
 
 
 class AdjointSolve(NamedTuple):
