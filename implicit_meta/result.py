@@ -19,9 +19,11 @@ class MetaBackwardResult:
         inner_loss: Support loss ``L_in(phi*)`` at the adapted parameters (no proximal term).
         stationarity: ``||grad L_in(phi*) + reg (phi* - theta)||``; the implicit gradient is exact
             only when this is near zero, so watch it when choosing inner steps and inner lr.
-        cg_residual: ``||b - (I + H/reg) x||`` of the returned meta-gradient ``x``.
+        cg_residual: ``||b - A x||`` of the returned meta-gradient ``x``, ``A`` the adjoint's
+            system (``I + C/reg`` with damping); ``0`` for the first-order adjoint.
         cg_iterations: CG iterations that updated the solution.
-        cg_status: A :class:`~implicit_meta.functional.CGStatus` value as an int64 tensor.
+        cg_status: A :class:`~implicit_meta.functional.CGStatus` value as an int64 tensor
+            (``FIRST_ORDER`` when no system was solved).
         outer_aux: What the outer loss returned beside the loss, ``loss_fn(module, query) ->
             (loss, aux)``, at the adapted parameters (detached); ``{}`` for a bare loss.
 
