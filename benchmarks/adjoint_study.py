@@ -35,10 +35,10 @@ Methods:
     newton_cg        newton_cg inner solver (2 Newton steps of 20 CG steps each, line search
                      from 1), Hessian CG: the paper's Hessian-free variant
 
-Order: the four cheap methods on every seed first, then the 20-way runs (with the better of
-hessian and official_damped as "the best of the rest"), then Newton-CG, about 4x slower per
-meta-step and 15x slower to evaluate, so that a study cut short by the clock still compares the
-main methods on both seeds.
+Order: the four cheap methods on every seed first, then the cosines, then the 20-way runs (with
+the better of hessian and official_damped as "the best of the rest"), then Newton-CG, about 4x
+slower per meta-step and 15x slower to evaluate, so that a study cut short by the clock still
+compares the main methods on both seeds.
 """
 
 from __future__ import annotations
@@ -309,8 +309,7 @@ def train_all(args: argparse.Namespace) -> None:
     while True:
         todo = [r for r in plan(args, results) if f"{r[1]}w/{r[0]}/{r[3]}" not in results["runs"]]
         cheap_done = not any(r[1] == 5 and r[0] != "newton_cg" for r in todo)
-        twenty_done = cheap_done and not any(r[1] == 20 for r in todo)
-        if twenty_done and not results.get("cosines") and not args.only:
+        if cheap_done and not results.get("cosines") and not args.only:
             results["cosines"] = cosines_on_one_network(args.seeds[0], splits)
             save(results, path)
             print(json.dumps({"cosines": results["cosines"]}), flush=True)
