@@ -43,6 +43,74 @@ def task_count(support: Any, query: Any) -> int:
     return count
 
 
+def check_task_dimension(support: Any, query: Any, count: int, num_tasks: int | None) -> None:
+    """Refuse batches that are most likely one task's, with no task dimension.
+
+    ``meta_backward_batch(loss_fn, (x, y), (xq, yq))`` with one task's ``x`` of shape
+    ``[N, C, H, W]`` and ``y`` of shape ``[N]`` would run every sample as a task. Real batches of
+    tasks keep a sample dimension after the task dimension on their tensors, so two patterns
+    give the mistake away: a tensor with no dimension beyond the leading one (``y``: one label
+    per "task"), or every tensor of both batches holding a single sample per task (``x`` and
+    ``y`` of a regression task shaped ``[N, 1]``).
+
+    Args:
+        support: The support batch.
+        query: The query batch.
+        count: The size of the leading dimension (from :func:`task_count`).
+        num_tasks: The number of tasks the caller stated, or ``None``; when given, it must equal
+            ``count`` and the patterns above are accepted.
+
+    Raises:
+        ValueError: If ``num_tasks`` disagrees with ``count``, or a pattern above is found.
+        TypeError: If ``num_tasks`` is not an integer.
+
+    Example:
+        >>> import torch
+        >>> x, y = torch.randn(6, 3, 8, 8), torch.zeros(6, dtype=torch.long)
+        >>> check_task_dimension((x, y), (x, y), 6, None)
+        Traceback (most recent call last):
+        ...
+        ValueError: meta_backward_batch got batches that look like a single task's, ...
+        >>> check_task_dimension((x, y), (x, y), 6, num_tasks=6)
+    """
+    if num_tasks is not None:
+        if isinstance(num_tasks, bool) or not isinstance(num_tasks, int):
+            raise TypeError(f"num_tasks must be an integer or None, got {num_tasks!r}")
+        if num_tasks != count:
+            raise ValueError(
+                f"num_tasks={num_tasks}, but the batches' leading (task) dimension is {count}"
+            )
+        return
+    leaves = [
+        (what, leaf)
+        for what, batch in (("support", support), ("query", query))
+        for leaf in pytree.tree_leaves(batch)
+        if isinstance(leaf, Tensor)
+    ]
+    flat = next(((what, leaf) for what, leaf in leaves if leaf.dim() == 1), None)
+    if flat is not None:
+        what, leaf = flat
+        reason = (
+            f"the {what} tensor of shape {tuple(leaf.shape)} would give each of {count} tasks a "
+            "single number"
+        )
+    elif all(leaf.dim() >= 2 and leaf.shape[1] == 1 for _, leaf in leaves):
+        what, leaf = leaves[0]
+        reason = (
+            f"every task would hold a single sample (the {what} tensor of shape "
+            f"{tuple(leaf.shape)} gives each of {count} tasks one of shape {tuple(leaf.shape[1:])})"
+        )
+    else:
+        return
+    raise ValueError(
+        "meta_backward_batch got batches that look like a single task's, without a task "
+        f"dimension: {reason}. Batches of T tasks hold tensors shaped [T, N, ...] (xs "
+        "[T, N, C, H, W] and ys [T, N], say; torch.stack one task's tensors to build them); "
+        "for one task call meta_backward(loss_fn, support, query). If the leading dimension "
+        f"is the task dimension, say so with num_tasks={count}."
+    )
+
+
 def select_task(batch: Any, index: int) -> Any:
     """Task ``index`` of a batch: every tensor indexed on its leading dimension.
 

@@ -244,6 +244,40 @@ def functional_inner_loss(
     return ComposedLoss(outputs, criterion)
 
 
+def dtype_mismatch(params: Mapping[str, Tensor], batches: Mapping[str, Any]) -> str | None:
+    """Describe the first floating-point batch tensor whose dtype no parameter has, if any.
+
+    Args:
+        params: The model's trainable parameters.
+        batches: Batches by name (``"support"``, ``"query"``); ``None`` entries are skipped.
+
+    Returns:
+        A sentence naming both dtypes and the fix, or ``None`` when they agree.
+
+    Example:
+        >>> import torch
+        >>> params = {"w": torch.zeros(2, dtype=torch.float64)}
+        >>> dtype_mismatch(params, {"support": (torch.zeros(3, 2), torch.zeros(3))})
+        "dtype mismatch: the model's parameters are float64 but the support batch holds ..."
+    """
+    dtypes = {v.dtype for v in params.values() if v.is_floating_point()}
+    if not dtypes:
+        return None
+    for what, batch in batches.items():
+        if batch is None:
+            continue
+        for leaf in pytree.tree_leaves(batch):
+            if isinstance(leaf, Tensor) and leaf.is_floating_point() and leaf.dtype not in dtypes:
+                model = sorted(str(d).removeprefix("torch.") for d in dtypes)
+                data = str(leaf.dtype).removeprefix("torch.")
+                return (
+                    f"dtype mismatch: the model's parameters are {', '.join(model)} but the "
+                    f"{what} batch holds a {data} tensor of shape {tuple(leaf.shape)}; convert "
+                    f"the batch (x.to(torch.{model[0]})) or the model (model.to(torch.{data}))"
+                )
+    return None
+
+
 def _tensor_leaves(batch: Any) -> list[Tensor]:
     if isinstance(batch, Tensor):
         return [batch]

@@ -2,35 +2,38 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import numbers
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
-from implicit_meta._batch import select_task, task_count, task_in_dims
+from implicit_meta._batch import check_task_dimension, select_task, task_count, task_in_dims
 from implicit_meta._module import (
     LossFn,
     check_batch,
+    dtype_mismatch,
     functional_inner_loss,
     functional_loss,
     functional_loss_and_aux,
     split_state,
 )
 from implicit_meta.functional._checks import check_int, check_real
+from implicit_meta.functional._stack import user_stacklevel
 from implicit_meta.functional._tree import Params
 from implicit_meta.functional.adjoint import ImplicitAdjoint
 from implicit_meta.functional.cg import CGStatus
 from implicit_meta.functional.curvature import CurvatureFn, resolve_curvature
 from implicit_meta.functional.implicit import TaskGradient, solve_inner, task_meta_gradient
 from implicit_meta.result import MetaBackwardResult
-from implicit_meta.solvers.first_order import proximal_step_limit, sgd
-from implicit_meta.solvers.registry import get_inner_solver, registered_name
-from implicit_meta.solvers.torch_optim import torch_optimizer_solver
+from implicit_meta.solvers.first_order import check_momentum, proximal_step_limit, sgd
+from implicit_meta.solvers.registry import check_solver_options, get_inner_solver, registered_name
+from implicit_meta.solvers.torch_optim import check_torch_optimizer_options, torch_optimizer_solver
 
 InnerSpec = str | Callable[..., Params] | type[torch.optim.Optimizer]
 """What ``inner=`` accepts: a registered name, a solver function, or a torch.optim class."""
@@ -93,6 +96,16 @@ def _resolve_adjoint(
     return adjoint
 
 
+def _check_inner_options(
+    solver: Callable[..., Params], inner_name: str | None, lr: float, options: dict[str, Any]
+) -> None:
+    """Refuse ``inner_options`` the solver does not take, or values torch.optim rejects."""
+    check_solver_options(solver, options, inner_name)
+    optimizer_class = getattr(solver, "optimizer_class", None)
+    if isinstance(optimizer_class, type) and issubclass(optimizer_class, torch.optim.Optimizer):
+        check_torch_optimizer_options(optimizer_class, lr, options)
+
+
 def _check_inner_stability(
     solver: Callable[..., Params],
     inner_name: str | None,
@@ -100,13 +113,14 @@ def _check_inner_stability(
     reg: float,
     options: Mapping[str, Any],
 ) -> None:
-    """Refuse an SGD inner loop whose step diverges on the proximal term alone."""
+    """Refuse an invalid SGD momentum, or an SGD step that diverges on the proximal term alone."""
     if solver is not sgd and inner_name != "torch.optim.SGD":
         return
     momentum, nesterov = options.get("momentum", 0.0), options.get("nesterov", False)
     if not isinstance(momentum, numbers.Real) or not isinstance(nesterov, bool):
         return  # the solver reports its own type errors
-    limit = proximal_step_limit(float(momentum), nesterov)
+    momentum = check_momentum(momentum)
+    limit = proximal_step_limit(momentum, nesterov)
     if lr * reg >= limit:
         kind = "Nesterov momentum " if nesterov else ("momentum " if momentum else "")
         raise ValueError(
@@ -131,7 +145,28 @@ def _result(tasks: TaskGradient) -> MetaBackwardResult:
         cg_iterations=tasks.cg.iterations,
         cg_status=tasks.cg.status,
         outer_aux=tasks.outer_aux,
+        relative_stationarity=tasks.relative_stationarity,
+        relative_cg_residual=tasks.relative_cg_residual,
     )
+
+
+@contextlib.contextmanager
+def _naming_dtype_errors(theta: Params, support: Any, query: Any) -> Iterator[None]:
+    """Turn torch's error for a model and batch of different dtypes into one that says so.
+
+    Nothing is checked up front (a model may cast its inputs itself): only when the call fails
+    are the dtypes compared, so this costs nothing on the way.
+    """
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        raise
+    except RuntimeError as error:
+        problem = dtype_mismatch(theta, {"support": support, "query": query})
+        if problem is None:
+            raise
+        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ValueError(f"{problem} (torch: {first_line})") from error
 
 
 _CURVATURE_REMEDY = (
@@ -179,7 +214,9 @@ class ImplicitMetaOptimizer:
         inner_steps: Inner solver steps per task (``0`` gives ``phi* = theta``).
         inner_lr: Inner learning rate (for ``"lbfgs"`` and ``"newton_cg"``, the first step length
             of the line search, where ``1.0`` is natural).
-        inner_options: Extra keyword arguments for the inner solver, e.g. ``{"momentum": 0.9}``.
+        inner_options: Extra keyword arguments for the inner solver, e.g. ``{"momentum": 0.9}``;
+            checked against the solver's signature here (a torch.optim solver: its
+            constructor's arguments and values), so a misspelt key fails at construction.
         cg_steps: CG iterations (curvature-vector products) per task; ``0`` is the first-order
             meta-gradient (shorthand for ``adjoint.cg_steps``; default 5).
         cg_tol: CG's relative residual tolerance (shorthand; default 1e-10).
@@ -194,8 +231,11 @@ class ImplicitMetaOptimizer:
         adjoint: The whole linear-solve setting; give either it or the shorthands.
 
     Raises:
-        ValueError: If a setting is out of range, the solver name is unknown, an SGD inner step
-            diverges on the proximal term (``inner_lr * reg >= 2`` without momentum), the model
+        ValueError: If a setting is out of range, the solver name is unknown, ``inner_options``
+            holds a key the solver does not take (the message lists those it takes) or a value
+            a torch.optim solver rejects, an SGD momentum is outside ``[0, 1)``, an SGD inner
+            step diverges on the proximal term (``inner_lr * reg >= 2`` without momentum), the
+            model
             has no trainable parameters, the outer optimizer holds tensors that are not the
             model's, or ``adjoint=`` comes with shorthands.
         TypeError: If an argument has the wrong type.
@@ -269,6 +309,7 @@ class ImplicitMetaOptimizer:
             resolved_adjoint.reg,
             settings["inner_options"],
         )
+        _check_inner_options(solver, inner_name, settings["inner_lr"], settings["inner_options"])
         self.model = model
         self.outer_optimizer = outer_optimizer
         self._solver = solver
@@ -322,9 +363,11 @@ class ImplicitMetaOptimizer:
         check_batch(query, "query")
         theta, frozen, buffers = self._split_checked()
         self._check_curvature(loss_fn, support, frozen, buffers)
-        # No separate check pass: the losses validate themselves (scalar, floating point) on
-        # their first evaluation inside the solver, with the same messages.
-        return self._task_function(loss_fn, outer_loss_fn)(support, query, buffers, theta)
+        # No separate check pass: the losses validate themselves (scalar, floating point,
+        # differentiable) on their first evaluation, the gradient at theta, with the same
+        # messages; a dtype clash between model and batch is named when torch trips over it.
+        with _naming_dtype_errors(theta, support, query):
+            return self._task_function(loss_fn, outer_loss_fn)(support, query, buffers, theta)
 
     def _check_curvature(
         self, loss_fn: LossFn, support: Any, frozen: Params, buffers: Params
@@ -338,7 +381,8 @@ class ImplicitMetaOptimizer:
         if key in self._warned:
             return
         self._warned.add(key)
-        warnings.warn(message, RuntimeWarning, stacklevel=4)
+        # At the user's line, however deep the call (meta_backward_batch, the few-shot trainer).
+        warnings.warn(message, RuntimeWarning, stacklevel=user_stacklevel())
 
     def _check_and_accumulate(
         self, meta_grad: Params, tasks: TaskGradient, *, batched: bool
@@ -428,8 +472,10 @@ class ImplicitMetaOptimizer:
             The task's losses and diagnostics (see :class:`MetaBackwardResult`).
 
         Raises:
-            ValueError: For an empty batch, a loss that is not a scalar, or a non-finite inner
-                or outer loss or meta-gradient.
+            ValueError: For an empty batch, a loss that is not a scalar, a loss that does not
+                depend on the parameters (returned ``.detach()``-ed, say), a model and batch of
+                different floating-point dtypes, or a non-finite inner or outer loss or
+                meta-gradient.
             TypeError: If ``loss_fn`` is not callable or returns something that is not a tensor.
 
         Example:
@@ -456,6 +502,7 @@ class ImplicitMetaOptimizer:
         reduction: str = "mean",
         outer_loss_fn: LossFn | None = None,
         strategy: str = "auto",
+        num_tasks: int | None = None,
     ) -> MetaBackwardResult:
         """Meta-gradients of a batch of tasks, vectorised with ``torch.func.vmap`` where it pays.
 
@@ -480,6 +527,14 @@ class ImplicitMetaOptimizer:
         BatchNorm under vmap uses per-task batch statistics; every task gets its own copy of the
         buffers, and nothing is written into the model.
 
+        Single-task batches are refused: given ``(x, y)`` of one task (``x`` shaped
+        ``[N, C, H, W]``, ``y`` shaped ``[N]``), the leading dimension would make every sample a
+        task of its own. Without ``num_tasks`` the call raises when a tensor has no dimension
+        beyond the task dimension (``y`` above: one label per "task") or when every task would
+        hold a single sample in both batches (``x`` and ``y`` shaped ``[N, 1]``); pass
+        ``num_tasks=T`` to state that the leading dimension is the task dimension (it is then
+        checked against ``T`` and those checks are skipped).
+
         Args:
             loss_fn: ``loss_fn(module, batch) -> scalar tensor`` (or ``(loss, aux)``, see
                 :meth:`meta_backward`) for a single task's batch.
@@ -488,6 +543,8 @@ class ImplicitMetaOptimizer:
             reduction: ``"mean"`` or ``"sum"`` over tasks for the accumulated gradient.
             outer_loss_fn: Loss on the query batches, if it differs from ``loss_fn``.
             strategy: ``"auto"``, ``"vmap"`` or ``"loop"``.
+            num_tasks: The number of tasks ``T``, if stated: the batches' leading dimension
+                must equal it, and the single-task checks above are skipped.
 
         Returns:
             Per-task diagnostics: every field of :class:`MetaBackwardResult` has shape ``[T]``
@@ -495,8 +552,11 @@ class ImplicitMetaOptimizer:
 
         Raises:
             ValueError: For an unknown reduction or strategy, batches without a consistent task
-                dimension, an empty task, a non-scalar loss, or a non-finite loss or
-                meta-gradient in any task (the message names the tasks); nothing is written then.
+                dimension, batches that look like a single task's (see above), a ``num_tasks``
+                that does not match, an empty task, a non-scalar loss, a loss that does not
+                depend on the parameters, a model and batch of different dtypes, or a
+                non-finite loss or meta-gradient in any task (the message names the tasks);
+                nothing is written then.
 
         Example:
             >>> import torch, torch.nn.functional as F
@@ -516,11 +576,13 @@ class ImplicitMetaOptimizer:
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
         count = task_count(support, query)
+        check_task_dimension(support, query, count, num_tasks)
         first_support, first_query = select_task(support, 0), select_task(query, 0)
         check_batch(first_support, "support")
         check_batch(first_query, "query")
         theta, _, _ = self._split_checked()
-        self._precheck(loss_fn, outer_loss_fn, first_support, first_query)
+        with _naming_dtype_errors(theta, first_support, first_query):
+            self._precheck(loss_fn, outer_loss_fn, first_support, first_query)
         if strategy == "auto":
             strategy = self._auto_strategy(next(iter(theta.values())).device)
         tasks: TaskGradient | None = None
@@ -542,7 +604,8 @@ class ImplicitMetaOptimizer:
                     f"meta_backward_batch falls back to a loop over tasks ({reason})",
                 )
         if tasks is None:
-            tasks = self._solve_tasks_loop(loss_fn, support, query, outer_loss_fn, count)
+            with _naming_dtype_errors(theta, first_support, first_query):
+                tasks = self._solve_tasks_loop(loss_fn, support, query, outer_loss_fn, count)
         scale = 1.0 / count if reduction == "mean" else 1.0
         total = {k: v.sum(dim=0) * scale for k, v in tasks.meta_grad.items()}
         self._check_and_accumulate(total, tasks, batched=True)
@@ -628,14 +691,15 @@ class ImplicitMetaOptimizer:
         self, loss_fn: LossFn, outer_loss_fn: LossFn | None, support: Any, query: Any
     ) -> None:
         # Evaluate both losses at theta outside any transform, so that a wrong loss (not a
-        # scalar, not a tensor) fails with its own message rather than deep inside a solver.
+        # scalar, not a tensor) or a batch of the wrong dtype fails with its own message rather
+        # than deep inside a solver, or (under vmap) as a reason to fall back to the loop.
         theta, frozen, buffers = self._split_checked()
         self._check_curvature(loss_fn, support, frozen, buffers)
         functional_loss(self.model, loss_fn, support, frozen, buffers, "loss_fn")(theta)
-        if outer_loss_fn is not None:
-            functional_loss(self.model, outer_loss_fn, query, frozen, buffers, "outer_loss_fn")(
-                theta
-            )
+        outer_name = "outer_loss_fn" if outer_loss_fn is not None else "loss_fn"
+        functional_loss(self.model, outer_loss_fn or loss_fn, query, frozen, buffers, outer_name)(
+            theta
+        )
 
     def adapt(self, loss_fn: LossFn, support: Any) -> nn.Module:
         """A copy of the model at the parameters adapted to ``support``, for evaluation.
@@ -651,7 +715,8 @@ class ImplicitMetaOptimizer:
             A callable ``nn.Module`` at ``phi*``, in the model's current train/eval mode.
 
         Raises:
-            ValueError: For an empty batch, a loss that is not a scalar or a non-finite inner loss.
+            ValueError: For an empty batch, a loss that is not a scalar, a model and batch of
+                different floating-point dtypes, or a non-finite inner loss.
 
         Example:
             >>> import torch, torch.nn.functional as F
@@ -668,16 +733,17 @@ class ImplicitMetaOptimizer:
         check_batch(support, "support")
         theta, frozen, buffers = self._split_checked()
         inner_loss = functional_loss(self.model, loss_fn, support, frozen, buffers, "loss_fn")
-        phi = solve_inner(
-            inner_loss,
-            theta,
-            self._solver,
-            reg=self.adjoint.reg,
-            steps=self.inner_steps,
-            lr=self.inner_lr,
-            solver_options=self.inner_options,
-            compile_objective=self.compile_inner,
-        )
+        with _naming_dtype_errors(theta, support, None):
+            phi = solve_inner(
+                inner_loss,
+                theta,
+                self._solver,
+                reg=self.adjoint.reg,
+                steps=self.inner_steps,
+                lr=self.inner_lr,
+                solver_options=self.inner_options,
+                compile_objective=self.compile_inner,
+            )
         value = inner_loss(phi)
         if not bool(torch.isfinite(value)):
             raise ValueError(
@@ -742,8 +808,9 @@ class ImplicitMetaOptimizer:
             state_dict: A dict from :meth:`state_dict`.
 
         Raises:
-            ValueError: If keys are missing, a setting is invalid, the inner solver name is not
-                registered, or the optimizer state does not match the optimizer.
+            ValueError: If keys are missing, a setting is invalid (``inner_options`` included,
+                checked as in the constructor), the inner solver name is not registered, or the
+                optimizer state does not match the optimizer.
         """
         if not isinstance(state_dict, Mapping) or not {"outer_optimizer", "settings"} <= set(
             state_dict
@@ -771,6 +838,7 @@ class ImplicitMetaOptimizer:
         _check_inner_stability(
             solver, name, settings["inner_lr"], adjoint.reg, settings["inner_options"]
         )
+        _check_inner_options(solver, name, settings["inner_lr"], settings["inner_options"])
         # Loading the optimizer can still fail (mismatched groups); it validates before writing.
         backup = copy.deepcopy(self.outer_optimizer.state_dict())
         try:

@@ -30,6 +30,15 @@ def test_wrap_training_loop() -> None:
     assert re.search(r"iMAML\s+: \d+\.\d{3}", out), out
 
 
+def test_sinusoid_regression() -> None:
+    out = _run("sinusoid_regression.py")
+    assert re.search(r"relative stationarity \d\.\d+e[-+]\d+, relative CG residual", out), out
+    before = re.search(r"random init : (\d+\.\d{3}) \+- \d+\.\d{3}", out)
+    after = re.search(r"meta-trained: (\d+\.\d{3}) \+- \d+\.\d{3}  \(3 meta-steps\)", out)
+    assert before and after, out
+    assert float(before[1]) > 0 and float(after[1]) > 0
+
+
 def test_custom_inner_solver(tmp_path: Path) -> None:
     out = _run("custom_inner_solver.py", "--out", str(tmp_path / "run"))
     assert "clipped_cosine_gd" in out.splitlines()[0]

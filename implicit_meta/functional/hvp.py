@@ -7,9 +7,12 @@ Two strategies, both exact:
   passes. This is what torchopt does, and it is the faster choice for the few products CG needs
   (see ``benchmarks/hvp_modes.py``).
 * ``"forward_over_reverse"``: ``torch.func.jvp`` of ``torch.func.grad``. Keeps no graph between
-  products and composes with every transform, but each product repeats a forward and a backward
-  pass. Operators without forward-mode AD make it fail; the product then falls back to
-  reverse-over-reverse once, with a warning.
+  products and composes with ``vmap`` and later transforms wherever every operator of the loss
+  has a forward-mode derivative (some double-backward rules, BatchNorm's, do not compose with
+  ``vmap``), but each product repeats a forward and a backward pass. Where an operator lacks one
+  (a custom ``autograd.Function`` without ``jvp``; ``F.mse_loss`` under ``vmap``, whose
+  forward-over-reverse rule writes into an immutable zero tensor), the products fall back to
+  reverse-over-reverse once, with a warning; the fallback is exact too.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import torch
 from torch import Tensor
 
 from implicit_meta.functional._grad import inside_transform
+from implicit_meta.functional._stack import user_stacklevel
 from implicit_meta.functional._tree import Params
 
 HVPMode = Literal["auto", "reverse_over_reverse", "forward_over_reverse"]
@@ -88,7 +92,7 @@ def _reverse_over_reverse_autograd(fn: ScalarFn, params: Params) -> tuple[Tensor
             # Called inside a torch.func transform (vmap over vectors, vjp for a transpose) that
             # was not active when the graph was built: that graph cannot see the transform's
             # wrapped vector, so the product would come out as a constant (a vjp through it
-            # would be silently zero). Forward-over-reverse composes with every transform.
+            # would be silently zero). Forward-over-reverse composes with these transforms.
             _, product = torch.func.jvp(  # type: ignore[misc]
                 torch.func.grad(fn), (params,), (vector,)
             )
@@ -202,11 +206,14 @@ def value_grad_and_hvp(
             # Some operators (and custom autograd.Functions without ``jvp``) have no forward-mode
             # derivative; reverse-over-reverse needs only what backward already needs.
             warnings.warn(
-                "forward-over-reverse Hessian-vector product failed "
-                f"({type(error).__name__}: {str(error).splitlines()[0]}); "
-                "falling back to reverse-over-reverse",
+                "forward-over-reverse Hessian-vector products are not available for an "
+                "operator of this loss (no forward-mode derivative here); falling back to "
+                "reverse-over-reverse, which computes the same products exactly, so the "
+                "meta-gradient is unaffected and only the cost differs. "
+                "hvp='reverse_over_reverse' skips the attempt. "
+                f"(torch: {type(error).__name__}: {str(error).splitlines()[0]})",
                 RuntimeWarning,
-                stacklevel=2,
+                stacklevel=user_stacklevel(),
             )
             fallback.append(_reverse_over_reverse(fn, params)[2])
             return fallback[0](vector)

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from implicit_meta.functional._grad import inside_transform
-from implicit_meta.functional._tree import Params
+from implicit_meta.functional._tree import Params, tree_norm
 from implicit_meta.functional.adjoint import ImplicitAdjoint, solve_adjoint, stationarity
 from implicit_meta.functional.cg import CGResult
 from implicit_meta.functional.hvp import ScalarFn
@@ -214,6 +214,13 @@ class TaskGradient(NamedTuple):
         cg: The CG result (residual norm, iterations, status).
         outer_aux: What ``outer_loss`` returned beside the loss at ``phi`` (with
             ``has_aux=True``), detached; ``{}`` otherwise.
+        relative_stationarity: ``stationarity / ||grad L_in(theta)||``: the gradient norm of the
+            inner objective ``G = L_in + reg/2 ||. - theta||^2`` at ``phi`` over its norm at the
+            start ``theta`` (where the proximal term's gradient vanishes), so ``1`` means no
+            progress, ``< 1`` progress and ``> 1`` a diverging solve; ``0`` when both norms are
+            zero, ``inf`` when only the start's is.
+        relative_cg_residual: ``||b - A x|| / ||b||`` of the solve, ``b = grad L_out(phi)``;
+            ``0`` for ``b = 0`` and for the first-order adjoint.
     """
 
     meta_grad: Params
@@ -223,6 +230,53 @@ class TaskGradient(NamedTuple):
     stationarity: Tensor
     cg: CGResult
     outer_aux: Any
+    relative_stationarity: Tensor
+    relative_cg_residual: Tensor
+
+
+def _ratio(numerator: Tensor, denominator: Tensor) -> Tensor:
+    # No host sync: 0/0 is 0 (nothing to reduce, nothing left) and x/0 is inf.
+    positive = denominator > 0
+    safe = torch.where(positive, denominator, torch.ones_like(denominator))
+    degenerate = torch.where(
+        numerator > 0, torch.full_like(numerator, float("inf")), torch.zeros_like(numerator)
+    )
+    return torch.where(positive, numerator / safe, degenerate)
+
+
+_NO_GRAPH = (
+    "the {what} does not depend on the parameters: the tensor it returned has no grad_fn "
+    "(returned .detach()ed, computed under torch.no_grad(), or rebuilt from .item() or NumPy "
+    "values?); return the loss as computed from the module's outputs"
+)
+
+
+def _check_tracked(flags: list[bool], what: str) -> None:
+    # ``requires_grad`` is metadata (under torch.func.grad too): reading it costs no host sync.
+    if flags and not all(flags):
+        raise ValueError(_NO_GRAPH.format(what=what))
+
+
+def _start_gradient(inner_loss: ScalarFn, theta: Params) -> Params:
+    """``grad L_in(theta)``, checking once that ``L_in`` depends on the parameters."""
+    flags: list[bool] = []
+
+    def tracked(params: Params) -> Tensor:
+        value = inner_loss(params)
+        flags.append(bool(value.requires_grad))
+        return value
+
+    if inside_transform():
+        gradient = dict(torch.func.grad(tracked)(theta))
+        _check_tracked(flags, "inner loss (on the support batch)")
+        return gradient
+    names = list(theta)
+    leaves = [theta[k].detach().requires_grad_(True) for k in names]
+    with torch.enable_grad():
+        value = tracked(dict(zip(names, leaves, strict=True)))
+        _check_tracked(flags, "inner loss (on the support batch)")
+        grads = torch.autograd.grad(value, leaves, allow_unused=True, materialize_grads=True)
+    return dict(zip(names, grads, strict=True))
 
 
 def task_meta_gradient(
@@ -242,7 +296,10 @@ def task_meta_gradient(
 
     The solver sees detached tensors and the full proximal objective (with ``adjoint.reg``); its
     path is never differentiated. The gradient of ``L_in`` at ``phi`` comes out of the same
-    forward pass the curvature products reuse, so stationarity costs no extra pass.
+    forward pass the curvature products reuse, so stationarity costs no extra pass; its scale,
+    ``||grad L_in(theta)||`` for :attr:`TaskGradient.relative_stationarity`, costs one gradient
+    (as much as one SGD step) and is also where a loss that does not depend on the parameters
+    is caught, before the solve.
 
     Args:
         inner_loss: ``L_in`` as a function of a parameter dict (a
@@ -263,7 +320,9 @@ def task_meta_gradient(
         A :class:`TaskGradient`.
 
     Raises:
-        ValueError: If the curvature does not fit the inner loss.
+        ValueError: If the curvature does not fit the inner loss, or the inner or outer loss
+            does not depend on the parameters (it has no ``grad_fn``: returned ``.detach()``-ed,
+            say), which would make the meta-gradient silently zero.
 
     Example:
         >>> import torch
@@ -276,6 +335,9 @@ def task_meta_gradient(
         tensor([0.5000, 0.5000])
     """
     theta = {k: v.detach() for k, v in theta.items()}
+    # The inner objective's gradient at its start, where the proximal term's vanishes: the scale
+    # that relative_stationarity compares with (one gradient, the cost of one SGD step).
+    start_grad = _start_gradient(inner_loss, theta)
     phi = solve_inner(
         inner_loss,
         theta,
@@ -289,20 +351,34 @@ def task_meta_gradient(
 
     # The outer gradient first: its activations are freed before the inner gradient's graph is
     # built and held through CG, so the peak is the larger of the two, not their sum.
+    flags: list[bool] = []
+
+    def tracked_outer(params: Params) -> Any:
+        value = outer_loss(params)
+        flags.append(bool((value[0] if has_aux else value).requires_grad))
+        return value
+
     if has_aux:
-        outer_grad, (outer_value, outer_aux) = torch.func.grad_and_value(outer_loss, has_aux=True)(
-            phi
-        )
+        outer_grad, (outer_value, outer_aux) = torch.func.grad_and_value(
+            tracked_outer, has_aux=True
+        )(phi)
     else:
-        outer_grad, outer_value = torch.func.grad_and_value(outer_loss)(phi)
+        outer_grad, outer_value = torch.func.grad_and_value(tracked_outer)(phi)
         outer_aux = {}
-    solve = solve_adjoint(adjoint, inner_loss, phi, dict(outer_grad))
+    _check_tracked(flags, "outer loss (on the query batch)")
+    outer_grad = dict(outer_grad)
+    solve = solve_adjoint(adjoint, inner_loss, phi, outer_grad)
+    task_stationarity = stationarity(solve.inner_grad, phi, theta, adjoint.reg)
     return TaskGradient(
         meta_grad={k: v.detach() for k, v in solve.cg.solution.items()},
         phi=phi,
         inner_loss=solve.inner_loss,
         outer_loss=outer_value.detach(),
-        stationarity=stationarity(solve.inner_grad, phi, theta, adjoint.reg),
+        stationarity=task_stationarity,
         cg=solve.cg,
         outer_aux=outer_aux,
+        relative_stationarity=_ratio(task_stationarity, tree_norm(start_grad).detach()),
+        relative_cg_residual=_ratio(
+            solve.cg.residual_norm.detach(), tree_norm(outer_grad).detach()
+        ),
     )

@@ -6,6 +6,7 @@ state outside the loop, never sync with the host, and run under ``torch.func.vma
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 
 import torchopt
@@ -56,6 +57,9 @@ def sgd(
     Returns:
         The parameters after ``steps`` steps.
 
+    Raises:
+        ValueError: If ``momentum`` is outside ``[0, 1)``.
+
     Example:
         >>> import torch
         >>> f = lambda p: 0.5 * ((p["w"] - 3.0) ** 2).sum()
@@ -63,8 +67,41 @@ def sgd(
         >>> round(float(w), 6)
         3.0
     """
+    if isinstance(momentum, numbers.Real):
+        check_momentum(momentum)
     optimizer = torchopt.sgd(lr, momentum=momentum, nesterov=nesterov)
     return _run_torchopt(optimizer, objective, params, steps)
+
+
+def check_momentum(momentum: object) -> float:
+    """``momentum`` as a float in ``[0, 1)``, or an error that says it is invalid.
+
+    Heavy-ball momentum ``mu >= 1`` never contracts (the iterates' error is multiplied by at
+    least ``mu`` every step, whatever the step size), and a negative one is not momentum.
+
+    Args:
+        momentum: The momentum coefficient.
+
+    Returns:
+        It, as a float.
+
+    Raises:
+        TypeError: If it is not a real number.
+        ValueError: If it is outside ``[0, 1)``.
+
+    Example:
+        >>> check_momentum(0.9)
+        0.9
+    """
+    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
+        raise TypeError(f"momentum must be a real number, got {momentum!r}")
+    value = float(momentum)
+    if not 0.0 <= value < 1.0:
+        raise ValueError(
+            f"invalid momentum {value:g}: SGD momentum must be in [0, 1) (0.9 is common); "
+            "at 1 or above the inner iterates never converge"
+        )
+    return value
 
 
 def proximal_step_limit(momentum: float = 0.0, nesterov: bool = False) -> float:

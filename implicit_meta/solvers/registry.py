@@ -6,7 +6,8 @@ so a solver stays an ordinary, testable function.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import inspect
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol, TypeVar
 
 from torch import Tensor
@@ -28,6 +29,11 @@ class InnerSolver(Protocol):
     tensors) may carry an attribute ``vmap_unsupported`` holding the reason as a string;
     :meth:`ImplicitMetaOptimizer.meta_backward_batch` then loops over tasks without trying vmap.
     Without it, vmap is tried and a failure falls back to the loop with a warning.
+
+    The options a solver accepts (``inner_options``) are read from its signature: the keyword
+    parameters beside ``steps`` and ``lr`` (see :func:`check_solver_options`). A solver that
+    takes ``**options`` accepts any, unless it carries an attribute ``accepted_options``, a tuple
+    of the names it does accept.
 
     Example:
         >>> import torch
@@ -165,3 +171,96 @@ def registered_name(fn: Callable[..., Params]) -> str | None:
         if registered is fn:
             return name
     return None
+
+
+_RESERVED = ("steps", "lr")
+
+
+def solver_options(solver: Callable[..., Any]) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
+    """The options a solver accepts and those it requires, read from its signature.
+
+    Options are the keyword parameters after the first two (the objective and the start),
+    ``steps`` and ``lr`` excepted. A solver attribute ``accepted_options`` (a tuple of names)
+    takes precedence over the signature.
+
+    Args:
+        solver: An inner solver.
+
+    Returns:
+        ``(accepted, required)``, or ``None`` when any option is accepted (the solver takes
+        ``**options`` without ``accepted_options``, or its signature cannot be read).
+
+    Example:
+        >>> solver_options(get_inner_solver("sgd"))
+        (('momentum', 'nesterov'), ())
+    """
+    declared = getattr(solver, "accepted_options", None)
+    if declared is not None:
+        return tuple(declared), ()
+    try:
+        signature = inspect.signature(solver)
+    except (TypeError, ValueError):
+        return None
+    accepted: list[str] = []
+    required: list[str] = []
+    positional = 0
+    for parameter in signature.parameters.values():
+        if parameter.kind is inspect.Parameter.VAR_KEYWORD:
+            return None
+        if parameter.kind is inspect.Parameter.VAR_POSITIONAL:
+            continue
+        if parameter.kind is not inspect.Parameter.KEYWORD_ONLY and positional < 2:
+            positional += 1  # the objective and the start
+            continue
+        if parameter.kind is inspect.Parameter.POSITIONAL_ONLY or parameter.name in _RESERVED:
+            continue
+        accepted.append(parameter.name)
+        if parameter.default is inspect.Parameter.empty:
+            required.append(parameter.name)
+    return tuple(accepted), tuple(required)
+
+
+def check_solver_options(
+    solver: Callable[..., Params], options: Mapping[str, Any], name: str | None = None
+) -> None:
+    """Raise a clear error unless ``solver`` accepts every key of ``options``.
+
+    Args:
+        solver: An inner solver.
+        options: The ``inner_options`` meant for it.
+        name: The solver's name for the message (default: its registered or function name).
+
+    Raises:
+        ValueError: If ``options`` sets ``steps`` or ``lr`` (``inner_steps`` and ``inner_lr``
+            do), names an option the solver does not take (the message lists those it takes),
+            or leaves out one it requires.
+
+    Example:
+        >>> check_solver_options(get_inner_solver("sgd"), {"momentun": 0.9})
+        Traceback (most recent call last):
+        ...
+        ValueError: inner_options has 'momentun', which the inner solver 'sgd' does not take; ...
+    """
+    label = name or registered_name(solver) or getattr(solver, "__name__", repr(solver))
+    reserved = [key for key in _RESERVED if key in options]
+    if reserved:
+        raise ValueError(
+            f"inner_options may not set {', '.join(map(repr, reserved))}: "
+            "use inner_steps= and inner_lr="
+        )
+    signature = solver_options(solver)
+    if signature is None:
+        return
+    accepted, required = signature
+    unknown = [key for key in options if key not in accepted]
+    if unknown:
+        takes = ", ".join(accepted) if accepted else "no options"
+        raise ValueError(
+            f"inner_options has {', '.join(map(repr, unknown))}, which the inner solver "
+            f"{label!r} does not take; it takes: {takes}"
+        )
+    missing = [key for key in required if key not in options]
+    if missing:
+        raise ValueError(
+            f"the inner solver {label!r} requires inner_options {', '.join(map(repr, missing))}"
+        )
