@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 from pathlib import Path
 
@@ -62,6 +61,8 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         LOCAL_RANK=str(rank),
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
+        # Every rank is a client of the parent's store (_launcher_store), none binds a port.
+        TORCHELASTIC_USE_AGENT_STORE="True",
     )
     torch.set_num_threads(1)
     context = init_distributed("cpu")
@@ -72,15 +73,18 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _launcher_store() -> dist.TCPStore:
+    # Hosted here, as torchrun's agent hosts its store, on a port the OS gives it while binding.
+    # Picking a "free" port to let rank 0 bind it later races with every other process on the
+    # machine for the seconds the ranks take to start (EADDRINUSE under load); a store that is
+    # already listening cannot lose its port. Keep it alive until the ranks have joined.
+    return dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
 
 
 def test_two_ranks_match_each_other_and_a_single_process() -> None:
     with tempfile.TemporaryDirectory() as out:
-        mp.spawn(_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+        store = _launcher_store()
+        mp.spawn(_worker, args=(2, store.port, out), nprocs=2, join=True)
         ranks = [torch.load(Path(out) / f"rank{r}.pt", weights_only=True) for r in range(2)]
     single = _model(seed=0)
     _step(single, DistributedContext(0, 1, 0, torch.device("cpu")))

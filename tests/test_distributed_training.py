@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -56,6 +55,8 @@ def _worker(rank: int, port: int, out: str) -> None:
         LOCAL_WORLD_SIZE=str(WORLD),
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
+        # Every rank is a client of the parent's store (_launcher_store), none binds a port.
+        TORCHELASTIC_USE_AGENT_STORE="True",
     )
     init_distributed("cpu")  # the group outlives the train() calls below
     captured: list[ImplicitMetaOptimizer] = []
@@ -68,8 +69,12 @@ def _worker(rank: int, port: int, out: str) -> None:
     root, splits = Path(out), _splits()
 
     def run(name: str, config: TrainConfig, *, resume: bool = False) -> None:
+        start = len(captured)
         trainer.train(config, root / name, resume=resume, progress=False, splits=splits)
-        state = {k: v.detach().clone() for k, v in captured[-1].model.state_dict().items()}
+        # The run's own meta-optimizer: train() also builds one to check the settings (on a
+        # one-parameter model) and one for the untrained baseline it evaluates.
+        trained = next(m for m in captured[start:] if not isinstance(m.model, torch.nn.Linear))
+        state = {k: v.detach().clone() for k, v in trained.model.state_dict().items()}
         torch.save(state, root / f"{name}-rank{rank}.pt")
 
     run("one", CONFIG)
@@ -80,16 +85,19 @@ def _worker(rank: int, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _launcher_store() -> dist.TCPStore:
+    # Hosted here, as torchrun's agent hosts its store, on a port the OS gives it while binding.
+    # Picking a "free" port to let rank 0 bind it later races with every other process on the
+    # machine for the seconds the ranks take to start (EADDRINUSE under load); a store that is
+    # already listening cannot lose its port. Keep it alive until the ranks have joined.
+    return dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("distributed")
-    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    store = _launcher_store()
+    mp.spawn(_worker, args=(store.port, str(out)), nprocs=WORLD, join=True)
     return out
 
 
@@ -183,20 +191,27 @@ def test_torchrun_command_line(tmp_path: Path) -> None:
         sys.executable, "-m", "torch.distributed.run", "--standalone",
         f"--nproc_per_node={WORLD}", "-m", "implicit_meta", "train", *TINY,
         "--meta-steps", "2", "--meta-batch", "2", "--eval-episodes", "4", "--log-every", "1",
-        "--out", str(out),
+        "--val-episodes", "3", "--val-every", "1", "--out", str(out),
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env)
+    # All of it: the failed rank's traceback comes before torchrun's summary, which alone
+    # fills the last few thousand characters.
+    assert done.returncode == 0, done.stderr
     assert done.stdout.count("meta-trained 2 steps") == 1, done.stdout  # rank 0 alone prints
     assert "over 4 episodes" in done.stdout
     assert sorted(p.name for p in out.iterdir()) == [
-        "checkpoint.pt", "config.json", "curves.png", "evaluation.json", "metrics.jsonl",
+        "best.pt", "checkpoint.pt", "config.json", "curves.png", "evaluation.json",
+        "metrics.jsonl",
     ]  # fmt: skip
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     assert state["step"] == 2 and state["world_size"] == WORLD
-    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").open()]
-    assert steps == [1, 2]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").open()]
+    # Training records at steps 1 and 2, validations (3 episodes across both ranks) at 0, 1, 2.
+    assert [r["step"] for r in records if "outer_loss" in r] == [1, 2]
+    assert [r["step"] for r in records if "val_accuracy" in r] == [0, 1, 2]
+    summary = json.loads((out / "evaluation.json").read_text())
+    assert summary["episodes"] == 4 and summary["baseline"]["episodes"] == 4
 
 
 def test_meta_batch_must_divide_before_training_starts(
