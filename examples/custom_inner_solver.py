@@ -76,13 +76,13 @@ def main() -> None:
         inner="clipped_cosine_gd",  # the registered name, as for a built-in solver
         inner_steps=5,
         inner_lr=0.1,
-        time_budget=90.0,
+        meta_steps=100,
         eval_episodes=200,
     )
     if smoke:
         config = config.replace(
             backbone="conv4-8", ways=3, shots=1, queries=2, inner_steps=2, cg_steps=2,
-            meta_batch=2, meta_steps=2, eval_episodes=3, threads=1,
+            meta_batch=2, meta_steps=2, eval_episodes=3, val_episodes=2, threads=1,
         )  # fmt: skip
     out = args.out or tempfile.mkdtemp(prefix="custom-solver-")
     result = train(config, out, progress=not smoke)

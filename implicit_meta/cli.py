@@ -6,8 +6,9 @@ Under ``torchrun`` the ``train`` command meta-trains on several processes (see
 Example:
     $ implicit-meta train --out runs/omniglot   # 5-way 5-shot Omniglot, < 10 min on a 2-core CPU
     $ torchrun --nproc_per_node=4 -m implicit_meta train --meta-batch 8 --out runs/omniglot-x4
-    $ implicit-meta train --out runs/omniglot --resume --meta-steps 2000 --time-budget 0
-    $ implicit-meta evaluate --checkpoint runs/omniglot/checkpoint.pt --json eval.json
+    $ implicit-meta train --out runs/long --meta-steps 20000 --time-budget 3000  # a first chunk
+    $ implicit-meta train --out runs/long --resume --time-budget 3000            # the next ones
+    $ implicit-meta evaluate --checkpoint runs/omniglot --which best --json eval.json
 """
 
 from __future__ import annotations
@@ -32,8 +33,9 @@ from implicit_meta.fewshot.config import (
     TrainConfig,
 )
 from implicit_meta.fewshot.device import DeviceUnavailableError
+from implicit_meta.fewshot.evaluation import EvaluationResult
 from implicit_meta.fewshot.loading import evaluate_checkpoint
-from implicit_meta.fewshot.trainer import CHECKPOINT_NAME, train
+from implicit_meta.fewshot.trainer import BEST_NAME, CHECKPOINT_NAME, check_config, train
 from implicit_meta.functional.curvature import CURVATURES
 from implicit_meta.functional.hvp import HVP_MODES
 from implicit_meta.models import list_backbones
@@ -65,12 +67,36 @@ _TRAIN_FLAGS: tuple[tuple[str, str, type, str], ...] = (
         "factor on the curvature (to reproduce another code's system)",
     ),
     ("--meta-batch", "meta_batch", int, "tasks per meta-step"),
-    ("--meta-steps", "meta_steps", int, "maximum meta-steps"),
+    ("--meta-steps", "meta_steps", int, "meta-steps of the run (the cosine spans them)"),
     ("--meta-lr", "meta_lr", float, "Adam learning rate of the meta-parameters"),
-    ("--time-budget", "time_budget", float, "seconds of meta-training before stopping (0: none)"),
-    ("--eval-episodes", "eval_episodes", int, "test episodes evaluated at the end (0: skip)"),
+    (
+        "--time-budget",
+        "time_budget",
+        float,
+        "seconds of meta-training after which this call stops with a checkpoint, to be "
+        "continued with --resume (0: none); never changes the result",
+    ),
+    (
+        "--eval-episodes",
+        "eval_episodes",
+        int,
+        "test episodes evaluated at the end, also for the untrained init (0: skip)",
+    ),
+    (
+        "--val-classes",
+        "val_classes",
+        int,
+        "Omniglot meta-train characters held out for validation",
+    ),
+    (
+        "--val-episodes",
+        "val_episodes",
+        int,
+        "validation episodes per validation; the best model is kept in best.pt (0: none)",
+    ),
+    ("--val-every", "val_every", int, "meta-steps between validations"),
     ("--seed", "seed", int, "seed of the initialisation and the task streams"),
-    ("--threads", "threads", int, "CPU threads for torch (0: available cores not busy)"),
+    ("--threads", "threads", int, "CPU threads for torch (0: one per available core)"),
     ("--log-every", "log_every", int, "meta-steps between metrics.jsonl records"),
     ("--checkpoint-every", "checkpoint_every", int, "meta-steps between checkpoints"),
 )
@@ -81,9 +107,11 @@ def _add_train(subparsers: Any) -> None:
         "train",
         help="meta-train a few-shot classifier (default: 5-way 5-shot Omniglot, < 10 min on CPU)",
         description=(
-            "Meta-train with iMAML, write DIR/checkpoint.pt, DIR/metrics.jsonl, DIR/curves.png, "
-            "then evaluate on held-out classes (DIR/evaluation.json). Flags not given take the "
-            "defaults shown, or the checkpoint's values with --resume."
+            "Meta-train with iMAML, write DIR/checkpoint.pt, DIR/best.pt (best validation "
+            "score), DIR/metrics.jsonl, DIR/curves.png, then evaluate the best checkpoint and "
+            "the untrained initialisation on the same held-out episodes (DIR/evaluation.json). "
+            "The same command gives the same checkpoint. Flags not given take the defaults "
+            "shown, or the checkpoint's values with --resume."
         ),
         argument_default=argparse.SUPPRESS,
     )
@@ -108,8 +136,8 @@ def _add_train(subparsers: Any) -> None:
         dest="lr_schedule",
         choices=LR_SCHEDULES,
         help=(
-            "meta learning rate: cosine decay from --meta-lr to 0 over the time budget or the "
-            f"meta-steps, whichever ends the run, or constant (default: {_DEFAULTS.lr_schedule})"
+            "meta learning rate: cosine decay from --meta-lr to 0 over --meta-steps, or "
+            f"constant (default: {_DEFAULTS.lr_schedule})"
         ),
     )
     parser.add_argument(
@@ -171,18 +199,38 @@ def _add_evaluate(subparsers: Any) -> None:
         help="evaluate a checkpoint on held-out test episodes (mean accuracy, 95%% CI)",
         description=(
             "Adapt the meta-trained model to each test episode and report the mean query "
-            "accuracy with its 95%% confidence interval, 1.96 * std / sqrt(episodes). The "
-            "result is printed as text and as one JSON line on stdout."
+            "accuracy with its 95% confidence interval, 1.96 * std / sqrt(episodes), beside "
+            "that of the run's untrained initialisation on the same episodes. The result is "
+            "printed as text and as one JSON line on stdout."
         ),
     )
-    parser.add_argument("--checkpoint", required=True, metavar="PATH", help="a checkpoint.pt")
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        metavar="PATH",
+        help="a checkpoint.pt or best.pt, or a run folder (then see --which)",
+    )
+    parser.add_argument(
+        "--which",
+        choices=("best", "last"),
+        default="best",
+        help=(
+            "in a run folder: best.pt (best validation score; the last checkpoint if the run "
+            "has no validation) or checkpoint.pt (default: best)"
+        ),
+    )
+    parser.add_argument(
+        "--no-baseline",
+        action="store_true",
+        help="skip the untrained initialisation's score (halves the time)",
+    )
     parser.add_argument("--episodes", type=int, default=600, help="test episodes (default: 600)")
     parser.add_argument("--device", choices=DEVICES, default="auto", help="(default: auto)")
     parser.add_argument("--seed", type=int, default=None, help="episode seed (default: the run's)")
     parser.add_argument("--root", metavar="PATH", default=None, help="dataset folder override")
     parser.add_argument("--json", metavar="PATH", default=None, help="also write the JSON here")
     parser.add_argument(
-        "--threads", type=int, default=0, help="CPU threads (default: 0, available cores not busy)"
+        "--threads", type=int, default=0, help="CPU threads (default: 0, one per available core)"
     )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
@@ -222,6 +270,11 @@ def _train_config(args: argparse.Namespace, out: Path) -> TrainConfig:
     given = {k: v for k, v in vars(args).items() if k in fields}
     if getattr(args, "resume", False):
         # Start from the stored config so flags not given keep the checkpoint's values.
+        if not (out / CHECKPOINT_NAME).is_file():
+            raise FileNotFoundError(
+                f"no checkpoint to resume at {out / CHECKPOINT_NAME}; "
+                "start the run without --resume"
+            )
         stored = TrainConfig.from_dict(load_checkpoint(out / CHECKPOINT_NAME)["config"])
         return stored.replace(**given)
     return TrainConfig(**given)
@@ -237,6 +290,7 @@ def _run_train(args: argparse.Namespace) -> int:
     if getattr(args, "resume", False) and out_arg is None:
         raise ValueError("--resume needs --out DIR, the folder of the run to continue")
     config = _train_config(args, Path(out_arg) if out_arg else Path())
+    check_config(config)  # before anything is printed or created
     out = Path(out_arg) if out_arg else _default_out(config)
     progress = not getattr(args, "no_progress", False)
     # Under torchrun every rank runs this; rank 0 speaks for all of them.
@@ -255,30 +309,72 @@ def _run_train(args: argparse.Namespace) -> int:
         f"meta-trained {result.step} steps in {result.elapsed:.1f} s "
         f"(stopped by {result.stopped_by}); checkpoint: {out / CHECKPOINT_NAME}"
     )
+    if result.stopped_by == "time_budget":
+        print(
+            f"stopped at step {result.step} of {config.meta_steps} by the time budget; "
+            f"continue with: {_PROG} train --out {out} --resume"
+        )
     if result.evaluation is not None:
-        print(result.evaluation.summary())
-        print(json.dumps({**result.evaluation.to_dict(), "step": result.step}))
+        print(f"{result.evaluated} (step {result.evaluated_step}): {result.evaluation.summary()}")
+        payload: dict[str, Any] = {
+            **result.evaluation.to_dict(),
+            "step": result.evaluated_step,
+            "checkpoint": str(result.evaluated),
+        }
+        if result.baseline is not None:
+            print(_baseline_line(result.evaluation, result.baseline))
+            payload["baseline"] = result.baseline.to_dict()
+        print(json.dumps(payload))
     return 0
 
 
-def _run_evaluate(args: argparse.Namespace) -> int:
-    result, config = evaluate_checkpoint(
-        args.checkpoint,
-        episodes=args.episodes,
-        device=args.device,
-        seed=args.seed,
-        root=args.root,
-        threads=args.threads,
-        progress=not args.no_progress,
+def _baseline_line(trained: EvaluationResult, baseline: EvaluationResult) -> str:
+    gain = 100 * (trained.accuracy - baseline.accuracy)
+    margin = 100 * (trained.ci95 + baseline.ci95)
+    verdict = "inside the noise" if abs(gain) <= margin else f"{gain:+.2f} points"
+    return (
+        f"untrained initialisation, same adaptation and episodes: {100 * baseline.accuracy:.2f}% "
+        f"± {100 * baseline.ci95:.2f}%; meta-training: {verdict}"
     )
-    payload = {
+
+
+def _checkpoint_path(given: str, which: str) -> Path:
+    path = Path(given)
+    if not path.is_dir():
+        return path
+    best, last = path / BEST_NAME, path / CHECKPOINT_NAME
+    if which == "best" and best.is_file():
+        return best
+    if not last.is_file():
+        raise FileNotFoundError(f"{path} holds no {CHECKPOINT_NAME}; is it a run folder?")
+    return last
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    if args.episodes < 1:
+        raise ValueError(f"--episodes must be positive, got {args.episodes}")
+    checkpoint = _checkpoint_path(args.checkpoint, args.which)
+    options: dict[str, Any] = {
+        "episodes": args.episodes,
+        "device": args.device,
+        "seed": args.seed,
+        "root": args.root,
+        "threads": args.threads,
+        "progress": not args.no_progress,
+    }
+    result, config = evaluate_checkpoint(checkpoint, **options)
+    payload: dict[str, Any] = {
         **result.to_dict(),
         "dataset": config.dataset,
         "protocol": config.protocol,
         "backbone": config.backbone,
-        "checkpoint": str(args.checkpoint),
+        "checkpoint": str(checkpoint),
     }
-    print(result.summary())
+    print(f"{checkpoint}: {result.summary()}")
+    if not args.no_baseline:
+        baseline, _ = evaluate_checkpoint(checkpoint, initial=True, **options)
+        payload["baseline"] = baseline.to_dict()
+        print(_baseline_line(result, baseline))
     line = json.dumps(payload)
     print(line)
     if args.json:
@@ -303,7 +399,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         >>> warnings.simplefilter("ignore")  # curvature warnings of an untrained model
         >>> config = TrainConfig(backbone="conv4-8", ways=3, shots=1, queries=2,
         ...                      inner_steps=2, cg_steps=2, meta_batch=2, meta_steps=2,
-        ...                      eval_episodes=4, threads=1, device="cpu")
+        ...                      eval_episodes=4, val_episodes=0, threads=1, device="cpu")
         >>> out = tempfile.mkdtemp()
         >>> result = train(config, out, progress=False)
         >>> import contextlib, io

@@ -516,10 +516,8 @@ class ImplicitMetaOptimizer:
         tasks (per-task CG stopping is handled with masks, no host syncs); ``"loop"`` runs the
         tasks one after the other. ``"auto"`` picks ``"vmap"`` on CUDA, where one kernel per
         operation for all tasks keeps the GPU busy, and ``"loop"`` on the CPU, where each task's
-        convolutions already keep the cores busy: measured with ``benchmarks/meta_step.py`` on a
-        2-core CPU (4 Conv4 tasks), vmap was slower at K=5 and K=25 (2.8 s and 6.2 s against
-        2.1 s and 3.6 s), level at K=100 (12.1 s against 12.0 s) and took four times the memory
-        (561 against 142 MiB). Solvers that
+        convolutions already keep the cores busy (``benchmarks/meta_step.py`` measures both; the
+        figures, time and memory, are on the Benchmarks page). Solvers that
         cannot be vmapped (``"lbfgs"``, torch.optim adapters) always loop under ``"auto"``; with
         ``"vmap"`` they, and models whose operators vmap rejects, fall back to the loop with a
         one-time warning that says why; the results are the same.

@@ -11,6 +11,7 @@ import torch
 from implicit_meta import cli
 from implicit_meta.fewshot import trainer
 from implicit_meta.fewshot.checkpoint import decode_json_tensor
+from implicit_meta.functional import CGStatus
 
 pytestmark = pytest.mark.filterwarnings("ignore:I \\+ H/reg is not positive definite")
 
@@ -18,6 +19,7 @@ TINY = [
     "--backbone", "conv4-8", "--ways", "3", "--shots", "1", "--queries", "2",
     "--inner-steps", "2", "--cg-steps", "2", "--meta-batch", "2", "--threads", "1",
     "--log-every", "1", "--checkpoint-every", "2", "--eval-episodes", "0", "--no-progress",
+    "--val-episodes", "0",
     # The bit-exact resume tests below change --meta-steps between the halves, which reshapes a
     # cosine schedule, and the default time budget makes its rate depend on the clock; the
     # cosine schedule's own resume test is test_cosine_schedule_resumes_exactly.
@@ -68,11 +70,17 @@ def test_smoke_train_writes_metrics_checkpoint_and_curves(
     records = _records(out)
     assert [r["step"] for r in records] == [1, 2, 3]
     for record in records:
+        shares = {f"status_share.{status.name}" for status in CGStatus}
         assert set(record) == {
             "step", "outer_loss", "query_accuracy", "inner_loss", "stationarity", "cg_residual",
-            "meta_lr",
+            "relative_stationarity", "relative_cg_residual", "meta_lr", *shares,
         }  # fmt: skip
         assert 0.0 <= record["query_accuracy"] <= 1.0 and record["outer_loss"] > 0
+        # The relative values and the shares, each judgeable without a reference.
+        assert sum(record[k] for k in shares) == pytest.approx(1.0)
+        assert record["status_share.FIRST_ORDER"] == 0.0  # CG ran (2 steps)
+        assert 0.0 < record["relative_stationarity"] < 1.0  # 2 SGD steps made progress
+        assert 0.0 <= record["relative_cg_residual"] < 1.0
     state = _load(out)
     assert state["step"] == 3 and state["config"]["ways"] == 3
     assert all(isinstance(v, str | int | float | type(None)) for v in state["config"].values())
@@ -157,8 +165,10 @@ def test_stale_temp_files_are_removed(tmp_path: Path) -> None:
 def test_time_budget_stops_training(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "run"
     assert _train(out, "--meta-steps", "1000", "--time-budget", "1e-9") == 0
-    assert _load(out)["step"] == 0
-    assert "stopped by time_budget" in capsys.readouterr().out
+    assert _load(out)["step"] == 1  # every call makes at least one meta-step
+    printed = capsys.readouterr().out
+    assert "stopped by time_budget" in printed
+    assert f"continue with: implicit-meta train --out {out} --resume" in printed
 
 
 def test_device_cuda(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -260,3 +270,15 @@ def test_compile_inner_flag_reaches_the_meta_optimizer() -> None:
     config = TrainConfig(compile_inner=True, backbone="conv4-4")
     meta = build_meta_optimizer(build_model(config, (1, 28, 28)), config)
     assert meta.compile_inner is True
+
+
+def test_progress_bar_counts_planned_steps_and_shows_tasks_per_second(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = [a for a in TINY if a != "--no-progress"]
+    assert cli.main(["train", *args, "--meta-steps", "3", "--out", str(tmp_path / "run")]) == 0
+    bar = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    final = [line for line in bar if line.startswith("meta-train") and "3/3" in line]
+    assert final, bar  # the total is the planned number of meta-steps
+    for key in ("tasks_s=", "acc=", "loss=", "stat=", "res=", "npc="):
+        assert key in final[-1], (key, final[-1])

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -58,8 +59,14 @@ def test_load_rejects_foreign_files(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         load_checkpoint(tmp_path / "missing.pt")
     (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+    with pytest.raises(CheckpointError, match=r"is not a checkpoint: it is not a file torch\.save"):
         load_checkpoint(tmp_path / "garbage.pt")
+    # A zip archive torch cannot read (a damaged checkpoint): one line, no torch advice.
+    with zipfile.ZipFile(tmp_path / "torn.pt", "w") as archive:
+        archive.writestr("archive/data.pkl", b"\x80\x02garbage")
+    with pytest.raises(CheckpointError, match="not a readable checkpoint") as error:
+        load_checkpoint(tmp_path / "torn.pt")
+    assert "\n" not in str(error.value) and "weights_only=False" not in str(error.value)
     torch.save({"step": 1}, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="lacks"):
         load_checkpoint(tmp_path / "other.pt")

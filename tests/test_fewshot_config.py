@@ -62,22 +62,26 @@ def test_wrong_types_raise() -> None:
 
 
 def test_check_resumable_names_changed_fields() -> None:
-    check_resumable(TrainConfig(), TrainConfig(meta_steps=10, time_budget=0, device="cpu"))
+    check_resumable(TrainConfig(), TrainConfig(time_budget=30, device="cpu", threads=1))
     with pytest.raises(ValueError, match=r"shots \(checkpoint: 5, requested: 1\)"):
         check_resumable(TrainConfig(), TrainConfig(shots=1))
+    with pytest.raises(ValueError, match=r"cosine schedule.*meta_steps=300"):
+        check_resumable(TrainConfig(), TrainConfig(meta_steps=10))
+    constant = TrainConfig(lr_schedule="constant")
+    check_resumable(constant, constant.replace(meta_steps=10))  # a constant rate extends
 
 
-def test_cosine_schedule_follows_whichever_limit_ends_the_run_first() -> None:
-    steps_only = TrainConfig(meta_lr=0.002, meta_steps=200, time_budget=0)
-    assert meta_lr_at(steps_only, 0, 1e6) == 0.002  # no budget: the clock does not matter
-    assert meta_lr_at(steps_only, 100, 0.0) == pytest.approx(0.001)
-    assert meta_lr_at(steps_only, 200, 0.0) == 0.0
-    assert meta_lr_at(steps_only, 300, 0.0) == 0.0  # past the end it stays at 0
-    budget = steps_only.replace(time_budget=400.0)
-    assert meta_lr_at(budget, 10, 100.0) == pytest.approx(0.001 * (1 + 2**-0.5))  # p = 1/4
-    assert meta_lr_at(budget, 150, 100.0) == pytest.approx(0.001 * (1 - 2**-0.5))  # p = 3/4
-    assert meta_lr_at(budget, 10, 400.0) == 0.0
-    assert meta_lr_at(budget.replace(lr_schedule="constant"), 150, 399.0) == 0.002
+def test_cosine_schedule_follows_the_step_alone() -> None:
+    config = TrainConfig(meta_lr=0.002, meta_steps=200)
+    assert meta_lr_at(config, 0) == 0.002
+    assert meta_lr_at(config, 50) == pytest.approx(0.001 * (1 + 2**-0.5))  # p = 1/4
+    assert meta_lr_at(config, 100) == pytest.approx(0.001)
+    assert meta_lr_at(config, 150) == pytest.approx(0.001 * (1 - 2**-0.5))  # p = 3/4
+    assert meta_lr_at(config, 200) == 0.0
+    assert meta_lr_at(config, 300) == 0.0  # past the end it stays at 0
+    # A time budget is a stop, not part of the schedule.
+    assert meta_lr_at(config.replace(time_budget=1.0), 100) == meta_lr_at(config, 100)
+    assert meta_lr_at(config.replace(lr_schedule="constant"), 150) == 0.002
     assert TrainConfig().lr_schedule == "cosine"  # the default run decays
 
 

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from implicit_meta.fewshot import MetricsLog, plot_curves, read_metrics
 
@@ -41,3 +42,39 @@ def test_plot_curves_writes_a_png(tmp_path: Path) -> None:
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
     assert plot_curves([], tmp_path / "empty.png").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["curves.png", "empty.png"]
+
+
+def test_curves_legends_leave_the_curves_visible_and_start_at_step_zero() -> None:
+    from implicit_meta.fewshot.plots import curves_figure
+
+    records: list[dict[str, Any]] = [{"step": 0, "val_accuracy": 0.3}]
+    for step in range(10, 110, 10):
+        records.append(
+            {
+                "step": step,
+                "outer_loss": 2.0 - step / 100,
+                "inner_loss": 1.0,
+                "query_accuracy": step / 200,
+                "relative_stationarity": 0.05,
+                "relative_cg_residual": 0.2,
+                "status_share.NONPOSITIVE_CURVATURE": 0.25,
+            }
+        )
+    records.append({"step": 100, "val_accuracy": 0.8})
+    figure = curves_figure(records, test_accuracy=0.8, baseline_accuracy=0.4)
+    renderer = figure.canvas.get_renderer()  # type: ignore[attr-defined]
+    _loss_axes, acc_axes, diag_axes = figure.axes
+    for axes in figure.axes:
+        legend = axes.get_legend()
+        assert legend is not None
+        # No legend box over its plotting area, so no curve is hidden.
+        assert not legend.get_window_extent(renderer).overlaps(axes.get_window_extent(renderer))
+        assert axes.get_xlim()[0] == 0.0
+    labels = [line.get_label() for line in acc_axes.get_lines()]
+    assert labels == [
+        "train query accuracy", "validation accuracy", "test accuracy", "test, untrained init",
+    ]  # fmt: skip
+    validation = acc_axes.get_lines()[1]
+    assert next(iter(validation.get_xdata())) == 0.0  # the untrained model's point at step 0
+    diagnostics = [line.get_label() for line in diag_axes.get_lines()]
+    assert len(diagnostics) == 3 and "non-positive curvature" in diagnostics[2]

@@ -9,7 +9,7 @@ from implicit_meta.fewshot.config import TrainConfig
 from implicit_meta.models import build_backbone
 from implicit_meta.optimizer import ImplicitMetaOptimizer
 
-__all__ = ["build_meta_optimizer", "build_model"]
+__all__ = ["build_lr_scheduler", "build_meta_optimizer", "build_model", "initial_model"]
 
 
 def build_model(
@@ -80,3 +80,65 @@ def build_meta_optimizer(model: nn.Module, config: TrainConfig) -> ImplicitMetaO
         compile_inner=config.compile_inner,
         adjoint=config.adjoint(),
     )
+
+
+def initial_model(
+    config: TrainConfig,
+    image_shape: tuple[int, int, int],
+    device: torch.device | str = "cpu",
+) -> nn.Module:
+    """The untrained model a run of ``config`` starts from, rebuilt from ``config.seed``.
+
+    It is the baseline every score is compared with: the same architecture and adaptation
+    without meta-training. torch's global generator is saved and restored around the rebuild,
+    so calling this never changes what a run draws afterwards.
+
+    Args:
+        config: Names the backbone, the ways and the seed.
+        image_shape: ``(channels, height, width)`` of the input images.
+        device: Where the parameters live.
+
+    Returns:
+        The model in train mode, with the parameters of a fresh run's first meta-step.
+
+    Example:
+        >>> config = TrainConfig(backbone="conv4-8")
+        >>> a, b = initial_model(config, (1, 28, 28)), initial_model(config, (1, 28, 28))
+        >>> all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+        True
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        return build_model(config, image_shape, device)
+
+
+def build_lr_scheduler(
+    optimizer: torch.optim.Optimizer, config: TrainConfig
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """The meta learning-rate schedule of ``config``, stepped once per meta-step.
+
+    ``"cosine"`` is :class:`torch.optim.lr_scheduler.CosineAnnealingLR` over ``meta_steps``
+    (to 0 after the last step), ``"constant"`` a :class:`~torch.optim.lr_scheduler.LambdaLR` of
+    factor 1. Both are indexed by the meta-step alone and their state goes into checkpoints, so
+    a resumed run continues the schedule exactly; it matches
+    :func:`~implicit_meta.fewshot.config.meta_lr_at`.
+
+    Args:
+        optimizer: The outer optimizer, at ``config.meta_lr``.
+        config: Supplies ``lr_schedule`` and ``meta_steps``.
+
+    Returns:
+        The scheduler; call its ``step()`` after every meta-step.
+
+    Example:
+        >>> model = torch.nn.Linear(2, 1)
+        >>> adam = torch.optim.Adam(model.parameters(), lr=1e-3)
+        >>> schedule = build_lr_scheduler(adam, TrainConfig(meta_lr=1e-3, meta_steps=2))
+        >>> adam.step(); schedule.step(); round(adam.param_groups[0]["lr"], 12)
+        0.0005
+    """
+    if config.lr_schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer, T_max=max(1, config.meta_steps), eta_min=0.0
+        )
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)

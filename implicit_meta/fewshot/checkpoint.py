@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 import tempfile
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,8 @@ __all__ = [
 
 CHECKPOINT_FORMAT = "implicit-meta/fewshot-checkpoint/v1"
 """Value of the ``"format"`` entry; bumped if the layout changes incompatibly."""
+
+_FILE_HINT = "checkpoint.pt or best.pt"
 
 _REQUIRED = ("format", "config", "step", "model", "meta")
 
@@ -97,8 +101,33 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
+def _canonical(value: Any) -> Any:
+    """``value`` rebuilt with interned strings and fresh containers, tensors shared as given.
+
+    pickle writes a repeated object once and refers back to it, so equal states whose strings
+    happen to be shared differently (a state built in this process, or one restored from a
+    file) pickle to different bytes. Rebuilt this way, equal states give equal files.
+    """
+    if isinstance(value, str):
+        return sys.intern(value)
+    if isinstance(value, dict):
+        rebuilt = type(value)((_canonical(k), _canonical(v)) for k, v in value.items())
+        # A module's state_dict carries its version metadata as an attribute.
+        for name, attribute in getattr(value, "__dict__", {}).items():
+            setattr(rebuilt, name, _canonical(attribute))
+        return rebuilt
+    if isinstance(value, list):
+        return [_canonical(v) for v in value]
+    if type(value) is tuple:
+        return tuple(_canonical(v) for v in value)
+    return value
+
+
 def save_checkpoint(state: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
     """Write ``state`` to ``path`` atomically (temp file in the same folder, fsync, replace).
+
+    Equal states give byte-identical files, however their objects were built (see
+    ``_canonical``), so two runs of the same command can be compared with ``cmp``.
 
     Args:
         state: Tensors and plain Python values only (what ``weights_only`` loading accepts).
@@ -123,7 +152,7 @@ def save_checkpoint(state: Mapping[str, Any], path: str | os.PathLike[str]) -> P
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as handle:
-            torch.save(dict(state), handle)
+            torch.save(_canonical(dict(state)), handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, target)
@@ -147,7 +176,7 @@ def load_checkpoint(
 
     Returns:
         The checkpoint dict (``format``, ``config``, ``step``, ``model``, ``meta`` and, for
-        resuming, ``sampler``, ``torch_rng``, ``cuda_rng``, ``elapsed``).
+        resuming, ``lr_scheduler``, ``best``, ``sampler``, ``torch_rng``, ``cuda_rng``).
 
     Raises:
         FileNotFoundError: If ``path`` does not exist.
@@ -159,7 +188,7 @@ def load_checkpoint(
         >>> warnings.simplefilter("ignore")  # curvature warnings of an untrained model
         >>> config = TrainConfig(backbone="conv4-8", ways=3, shots=1, queries=2,
         ...                      inner_steps=2, cg_steps=2, meta_batch=2, meta_steps=2,
-        ...                      eval_episodes=4, threads=1, device="cpu")
+        ...                      eval_episodes=4, val_episodes=0, threads=1, device="cpu")
         >>> out = tempfile.mkdtemp()
         >>> result = train(config, out, progress=False)
         >>> state = load_checkpoint(f"{out}/checkpoint.pt")
@@ -169,10 +198,20 @@ def load_checkpoint(
     source = Path(path)
     if not source.is_file():
         raise FileNotFoundError(f"no checkpoint at {source}")
+    # torch's own messages for a foreign file run to several lines of advice (about
+    # weights_only) that does not apply; one line saying what the file is not helps more.
+    if not zipfile.is_zipfile(source):
+        raise CheckpointError(
+            f"{source} is not a checkpoint: it is not a file torch.save writes "
+            f"(pass the run's {_FILE_HINT})"
+        )
     try:
         state = torch.load(source, map_location=map_location, weights_only=True)
     except Exception as error:  # torch raises many types for a damaged or foreign file
-        raise CheckpointError(f"{source} is not a readable checkpoint: {error}") from error
+        raise CheckpointError(
+            f"{source} is not a readable checkpoint: torch.load(weights_only=True) failed "
+            f"with {type(error).__name__}; it is damaged or was not written by implicit-meta"
+        ) from error
     if not isinstance(state, dict):
         raise CheckpointError(f"{source} holds a {type(state).__name__}, not a checkpoint dict")
     missing = [key for key in _REQUIRED if key not in state]

@@ -16,6 +16,7 @@ class FewShotSplits(NamedTuple):
     Attributes:
         train: Classes tasks are meta-trained on.
         test: Held-out classes tasks are evaluated on.
+        val: Validation classes for model selection (disjoint from both), or None.
 
     Example:
         >>> import torch
@@ -27,20 +28,32 @@ class FewShotSplits(NamedTuple):
 
     train: FewShotDataset
     test: FewShotDataset
+    val: FewShotDataset | None = None
 
 
-def load_splits(dataset: str, root: str | None = None, protocol: str = "paper") -> FewShotSplits:
-    """Load the meta-train and meta-test splits of a dataset, on the CPU.
+def load_splits(
+    dataset: str,
+    root: str | None = None,
+    protocol: str = "paper",
+    *,
+    val_classes: int = 0,
+    validation: bool | None = None,
+) -> FewShotSplits:
+    """Load the meta-train, meta-test and (optionally) validation splits of a dataset, on the CPU.
 
     Omniglot is split by ``protocol`` with the 90-degree rotations of meta-train characters as
-    extra classes (the MAML/iMAML setting); test characters are not rotated. Mini-ImageNet uses
-    the Ravi & Larochelle train and test splits from ``root``. The result is memoised per
+    extra classes (the MAML/iMAML setting); test and validation characters are not rotated.
+    ``val_classes`` characters of the protocol's meta-train set are held out for validation
+    (see :func:`implicit_meta.data.omniglot_character_split`). Mini-ImageNet uses the Ravi &
+    Larochelle train, validation and test splits from ``root``. The result is memoised per
     process (it is read-only), so repeated runs in one process load the data once.
 
     Args:
         dataset: ``"omniglot"`` or ``"mini-imagenet"``.
         root: Dataset folder; ``None`` means the embedded Omniglot copy.
         protocol: Omniglot split, ``"paper"`` or ``"lake"``.
+        val_classes: Omniglot meta-train characters to hold out for validation.
+        validation: Load Mini-ImageNet's validation split (default: when ``val_classes`` > 0).
 
     Returns:
         The splits, uint8 images on the CPU.
@@ -54,16 +67,21 @@ def load_splits(dataset: str, root: str | None = None, protocol: str = "paper") 
         >>> splits.train.num_classes, splits.test.num_classes
         (4800, 423)
     """
-    return _load_splits(dataset, root, protocol)
+    with_val = val_classes > 0 if validation is None else validation
+    return _load_splits(dataset, root, protocol, val_classes, with_val)
 
 
 @functools.lru_cache(maxsize=2)
-def _load_splits(dataset: str, root: str | None, protocol: str) -> FewShotSplits:
+def _load_splits(
+    dataset: str, root: str | None, protocol: str, val_classes: int, validation: bool
+) -> FewShotSplits:
     if dataset == "omniglot":
         if protocol not in ("paper", "lake"):
             raise ValueError(f"unknown Omniglot protocol {protocol!r}; use 'paper' or 'lake'")
-        omniglot = load_omniglot(root, protocol="paper" if protocol == "paper" else "lake")
-        return FewShotSplits(omniglot.train, omniglot.test)
+        omniglot = load_omniglot(
+            root, protocol="paper" if protocol == "paper" else "lake", val_classes=val_classes
+        )
+        return FewShotSplits(omniglot.train, omniglot.test, omniglot.val)
     if dataset == "mini-imagenet":
         if root is None:
             raise ValueError(
@@ -71,6 +89,8 @@ def _load_splits(dataset: str, root: str | None, protocol: str) -> FewShotSplits
                 "(see implicit_meta.data.load_mini_imagenet for the accepted layouts)"
             )
         return FewShotSplits(
-            load_mini_imagenet_split(root, "train"), load_mini_imagenet_split(root, "test")
+            load_mini_imagenet_split(root, "train"),
+            load_mini_imagenet_split(root, "test"),
+            load_mini_imagenet_split(root, "val") if validation else None,
         )
     raise ValueError(f"unknown dataset {dataset!r}; use 'omniglot' or 'mini-imagenet'")

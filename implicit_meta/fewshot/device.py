@@ -96,19 +96,18 @@ def busy_cpus() -> int:
 
 
 def configure_threads(threads: int = 0) -> int:
-    """Set torch's intra-op thread count; ``0`` picks one per core that is not already busy.
+    """Set torch's intra-op thread count; ``0`` picks one thread per core this process may use.
 
-    torch's own default counts the machine's physical cores. On a shared machine that
-    oversubscribes: every operator ends at a barrier that waits for all its threads, and a thread
-    descheduled by another process stalls each small operator for a scheduler time slice. With
-    the small convolutions of few-shot models that made a meta-step up to 50x slower with 2
-    threads than with 1 on a 2-core machine with one other busy process. ``0`` therefore uses the
-    cores available to this process minus those the load average shows busy (at least 1).
-    Results can depend on the thread count, so pass an explicit count to reproduce a run
-    bit for bit.
+    The count can change the arithmetic (how reductions are split), so it must not depend on
+    anything that varies between two runs of the same command: ``0`` means
+    :func:`available_cpus`, the process's affinity mask, never the machine's load. On a shared
+    machine that can oversubscribe the cores: every operator ends at a barrier that waits for
+    all its threads, and a thread descheduled by another process stalls each small operator
+    for a scheduler time slice. Pass an explicit ``threads`` (``--threads 1``) when other
+    processes keep cores busy; :func:`busy_cpus` tells how many do.
 
     Args:
-        threads: Thread count, or 0 for ``max(1, available_cpus() - busy_cpus())``.
+        threads: Thread count, or 0 for :func:`available_cpus`.
 
     Returns:
         The thread count set.
@@ -123,7 +122,7 @@ def configure_threads(threads: int = 0) -> int:
     """
     if threads < 0:
         raise ValueError(f"threads must be >= 0, got {threads}")
-    count = threads or max(1, available_cpus() - busy_cpus())
+    count = threads or available_cpus()
     if torch.get_num_threads() != count:
         torch.set_num_threads(count)
     return count

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from implicit_meta.data import EpisodeSampler
-from implicit_meta.fewshot.builders import build_meta_optimizer, build_model
+from implicit_meta.fewshot.builders import build_meta_optimizer, build_model, initial_model
 from implicit_meta.fewshot.checkpoint import CheckpointError, load_checkpoint
 from implicit_meta.fewshot.config import TrainConfig
 from implicit_meta.fewshot.data import load_splits
@@ -49,7 +49,7 @@ def load_meta_model(
         >>> warnings.simplefilter("ignore")  # curvature warnings of an untrained model
         >>> config = TrainConfig(backbone="conv4-8", ways=3, shots=1, queries=2,
         ...                      inner_steps=2, cg_steps=2, meta_batch=2, meta_steps=2,
-        ...                      eval_episodes=0, threads=1, device="cpu")
+        ...                      eval_episodes=0, val_episodes=0, threads=1, device="cpu")
         >>> out = tempfile.mkdtemp()
         >>> _ = train(config, out, progress=False)
         >>> import torch, torch.nn.functional as F
@@ -83,8 +83,13 @@ def evaluate_checkpoint(
     root: str | None = None,
     threads: int = 0,
     progress: bool = False,
+    initial: bool = False,
 ) -> tuple[EvaluationResult, TrainConfig]:
     """Evaluate a checkpoint on test episodes of the dataset it was trained on.
+
+    With ``initial=True`` the model scored is the run's untrained initialisation (rebuilt from
+    the checkpoint's seed), adapted the same way on the same episodes: the baseline that shows
+    what meta-training added.
 
     Args:
         checkpoint_path: A ``checkpoint.pt`` written by ``implicit-meta train``.
@@ -95,6 +100,7 @@ def evaluate_checkpoint(
         root: Dataset folder, if it moved since training (default: the stored one).
         threads: CPU threads for torch (0: see :func:`~implicit_meta.fewshot.configure_threads`).
         progress: Show a progress bar on stderr.
+        initial: Score the untrained initialisation instead of the meta-parameters.
 
     Returns:
         ``(result, config)``.
@@ -111,7 +117,7 @@ def evaluate_checkpoint(
         >>> warnings.simplefilter("ignore")  # curvature warnings of an untrained model
         >>> config = TrainConfig(backbone="conv4-8", ways=3, shots=1, queries=2,
         ...                      inner_steps=2, cg_steps=2, meta_batch=2, meta_steps=2,
-        ...                      eval_episodes=0, threads=1, device="cpu")
+        ...                      eval_episodes=0, val_episodes=0, threads=1, device="cpu")
         >>> out = tempfile.mkdtemp()
         >>> _ = train(config, out, progress=False)
         >>> result, _ = evaluate_checkpoint(f"{out}/checkpoint.pt", episodes=3, threads=1)
@@ -123,6 +129,9 @@ def evaluate_checkpoint(
     target = resolve_device(device)
     configure_threads(threads)
     model, config = load_meta_model(checkpoint_path, target)
+    if initial:
+        channels, height, width = (int(v) for v in load_checkpoint(checkpoint_path)["image_shape"])
+        model = initial_model(config, (channels, height, width), target)
     meta = build_meta_optimizer(model, config)
     splits = load_splits(config.dataset, root if root is not None else config.root, config.protocol)
     sampler = EpisodeSampler(

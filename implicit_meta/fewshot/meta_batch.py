@@ -9,6 +9,7 @@ from torch import Tensor
 
 from implicit_meta.data import EpisodeBatch
 from implicit_meta.fewshot.tasks import cross_entropy, cross_entropy_and_accuracy
+from implicit_meta.functional.cg import CGStatus
 from implicit_meta.optimizer import ImplicitMetaOptimizer
 
 __all__ = ["MetaBatchStats", "meta_backward_episodes", "meta_train_step"]
@@ -18,17 +19,30 @@ __all__ = ["MetaBatchStats", "meta_backward_episodes", "meta_train_step"]
 class MetaBatchStats:
     """Task-averaged diagnostics of one meta-batch, as 0-dim tensors (no host sync yet).
 
+    The relative values make "small" judgeable: a stationarity of 2.3 says nothing alone, a
+    relative stationarity of 0.05 says the inner solver removed 95% of the gradient it started
+    from (1 means no progress, above 1 divergence), and a relative CG residual of 0.3 says the
+    linear solve is 30% off its right-hand side. The status shares count how the meta-batch's
+    CG solves ended (``status_share.NONPOSITIVE_CURVATURE`` above 0: the system is indefinite,
+    see the adjoint guide).
+
     Attributes:
         outer_loss: Query cross-entropy at the adapted parameters.
         query_accuracy: Query accuracy at the adapted parameters.
         inner_loss: Support cross-entropy at the adapted parameters.
         stationarity: Norm of the inner objective's gradient at the adapted parameters.
         cg_residual: Residual norm of the conjugate-gradient solve.
+        relative_stationarity: ``stationarity / ||grad L_in(theta)||``, task mean.
+        relative_cg_residual: ``cg_residual / ||grad L_out(phi)||``, task mean.
+        status_share: ``[5]`` share of tasks per :class:`~implicit_meta.functional.CGStatus`,
+            in the order of its values.
 
     Example:
-        >>> stats = MetaBatchStats(*(torch.tensor(v) for v in (0.5, 0.9, 0.1, 0.01, 1e-3)))
-        >>> dict(zip(MetaBatchStats.names(), stats.stacked().tolist()))["query_accuracy"]
-        0.8999999761581421
+        >>> values = [torch.tensor(v) for v in (0.5, 0.9, 0.1, 0.01, 1e-3, 0.02, 0.1)]
+        >>> stats = MetaBatchStats(*values, torch.tensor([0.0, 1.0, 0.0, 0.0, 0.0]))
+        >>> record = dict(zip(MetaBatchStats.names(), stats.stacked().tolist()))
+        >>> record["status_share.MAX_STEPS"], round(record["query_accuracy"], 6)
+        (1.0, 0.9)
     """
 
     outer_loss: Tensor
@@ -36,31 +50,46 @@ class MetaBatchStats:
     inner_loss: Tensor
     stationarity: Tensor
     cg_residual: Tensor
+    relative_stationarity: Tensor
+    relative_cg_residual: Tensor
+    status_share: Tensor
 
     def stacked(self) -> Tensor:
-        """All fields as one float32 vector, in field order (one transfer reads them all).
+        """All values as one float32 vector, in the order of :meth:`names` (one transfer).
 
         Returns:
-            A ``[5]`` tensor.
+            A ``[12]`` tensor.
         """
-        return torch.stack(
-            [
-                self.outer_loss,
-                self.query_accuracy,
-                self.inner_loss,
-                self.stationarity,
-                self.cg_residual,
-            ]
-        ).to(torch.float32)
+        scalars = [
+            self.outer_loss,
+            self.query_accuracy,
+            self.inner_loss,
+            self.stationarity,
+            self.cg_residual,
+            self.relative_stationarity,
+            self.relative_cg_residual,
+        ]
+        return torch.cat(
+            [torch.stack(scalars).to(torch.float32), self.status_share.to(torch.float32)]
+        )
 
     @staticmethod
     def names() -> tuple[str, ...]:
-        """Field names in the order of :meth:`stacked`.
+        """The ``metrics.jsonl`` keys of the values of :meth:`stacked`, in its order.
 
         Returns:
-            The names.
+            The names; the shares are ``status_share.<CGStatus name>``.
         """
-        return ("outer_loss", "query_accuracy", "inner_loss", "stationarity", "cg_residual")
+        return (
+            "outer_loss",
+            "query_accuracy",
+            "inner_loss",
+            "stationarity",
+            "cg_residual",
+            "relative_stationarity",
+            "relative_cg_residual",
+            *(f"status_share.{status.name}" for status in CGStatus),
+        )
 
 
 def meta_backward_episodes(
@@ -108,6 +137,9 @@ def meta_backward_episodes(
         inner_loss=result.inner_loss.mean(),
         stationarity=result.stationarity.mean(),
         cg_residual=result.cg_residual.mean(),
+        relative_stationarity=result.relative_stationarity.mean(),
+        relative_cg_residual=result.relative_cg_residual.mean(),
+        status_share=torch.stack([share for share in result.status_share().values()]),
     )
 
 

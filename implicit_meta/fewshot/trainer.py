@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm  # type: ignore[import-untyped,unused-ignore]
 
 from implicit_meta import __version__
-from implicit_meta.data import EpisodeSampler
+from implicit_meta.data import EpisodeSampler, FewShotDataset
 from implicit_meta.distributed import (
     DistributedContext,
     all_gather_objects,
@@ -25,7 +25,12 @@ from implicit_meta.distributed import (
     init_distributed,
     launch_world_size,
 )
-from implicit_meta.fewshot.builders import build_meta_optimizer, build_model
+from implicit_meta.fewshot.builders import (
+    build_lr_scheduler,
+    build_meta_optimizer,
+    build_model,
+    initial_model,
+)
 from implicit_meta.fewshot.checkpoint import (
     CHECKPOINT_FORMAT,
     decode_json_tensor,
@@ -40,20 +45,24 @@ from implicit_meta.fewshot.evaluation import EvaluationResult, episode_accuracie
 from implicit_meta.fewshot.meta_batch import MetaBatchStats, meta_train_step
 from implicit_meta.fewshot.metrics import MetricsLog, read_metrics
 from implicit_meta.fewshot.plots import plot_curves
+from implicit_meta.models.registry import check_backbone
 from implicit_meta.optimizer import ImplicitMetaOptimizer
 
 __all__ = [
+    "BEST_NAME",
     "CHECKPOINT_NAME",
     "CURVES_NAME",
     "EVALUATION_NAME",
     "METRICS_NAME",
     "TrainResult",
+    "check_config",
     "check_resumable",
     "check_world_size",
     "train",
 ]
 
 CHECKPOINT_NAME = "checkpoint.pt"
+BEST_NAME = "best.pt"
 METRICS_NAME = "metrics.jsonl"
 CURVES_NAME = "curves.png"
 EVALUATION_NAME = "evaluation.json"
@@ -65,11 +74,20 @@ class TrainResult:
     """What a call of :func:`train` did.
 
     Attributes:
-        out_dir: The run folder (checkpoint, metrics, curves, evaluation).
+        out_dir: The run folder (checkpoints, metrics, curves, evaluation).
         step: Meta-steps completed in total (including those before a resume).
-        elapsed: Seconds spent meta-training in total (data loading and evaluation excluded).
-        stopped_by: ``"meta_steps"`` or ``"time_budget"``.
-        evaluation: The held-out evaluation, or None if ``eval_episodes`` was 0.
+        elapsed: Seconds spent meta-training in total, over every call that continued the run
+            (data loading, validation and evaluation excluded); informational only.
+        stopped_by: ``"meta_steps"`` (the run is complete) or ``"time_budget"`` (this call
+            stopped early with a checkpoint; ``resume`` continues it and nothing is
+            evaluated yet).
+        evaluation: The held-out evaluation of the selected checkpoint, or None if
+            ``eval_episodes`` was 0 or the run is not complete.
+        baseline: The untrained initialisation under the same adaptation on the same
+            episodes, or None when ``evaluation`` is None.
+        evaluated: The checkpoint ``evaluation`` scores: ``best.pt`` (the best validation
+            score) when validation is on, else ``checkpoint.pt``; None when not evaluated.
+        evaluated_step: The meta-step of that checkpoint.
 
     Example:
         >>> import tempfile, warnings
@@ -77,7 +95,7 @@ class TrainResult:
         >>> warnings.simplefilter("ignore")  # curvature warnings of an untrained model
         >>> config = TrainConfig(backbone="conv4-8", ways=3, shots=1, queries=2,
         ...                      inner_steps=2, cg_steps=2, meta_batch=2, meta_steps=2,
-        ...                      eval_episodes=4, threads=1, device="cpu")
+        ...                      eval_episodes=4, val_episodes=0, threads=1, device="cpu")
         >>> out = tempfile.mkdtemp()
         >>> result = train(config, out, progress=False)
         >>> result.stopped_by, result.step, result.evaluation.episodes
@@ -89,20 +107,28 @@ class TrainResult:
     elapsed: float
     stopped_by: str
     evaluation: EvaluationResult | None
+    baseline: EvaluationResult | None = None
+    evaluated: Path | None = None
+    evaluated_step: int | None = None
 
 
 def check_resumable(saved: TrainConfig, requested: TrainConfig) -> None:
-    """Raise unless ``requested`` differs from ``saved`` only in :data:`RESUMABLE_FIELDS`.
+    """Raise unless resuming ``saved`` as ``requested`` continues the same computation.
+
+    ``requested`` may differ from ``saved`` only in :data:`RESUMABLE_FIELDS`, and in
+    ``meta_steps`` only under the constant schedule: the cosine spans ``meta_steps``, so a
+    different length would change every remaining learning rate.
 
     Args:
         saved: The config stored in the checkpoint.
         requested: The config of the resuming run.
 
     Raises:
-        ValueError: Naming every field that would change what the run computes.
+        ValueError: Naming every field that would change what the run computes, and what to
+            do instead.
 
     Example:
-        >>> check_resumable(TrainConfig(), TrainConfig(meta_steps=99))
+        >>> check_resumable(TrainConfig(), TrainConfig(time_budget=60, threads=1))
         >>> check_resumable(TrainConfig(), TrainConfig(ways=20))
         Traceback (most recent call last):
         ...
@@ -113,6 +139,40 @@ def check_resumable(saved: TrainConfig, requested: TrainConfig) -> None:
     if changed:
         details = ", ".join(f"{k} (checkpoint: {old[k]!r}, requested: {new[k]!r})" for k in changed)
         raise ValueError(f"cannot resume with a different {details}")
+    if saved.lr_schedule == "cosine" and saved.meta_steps != requested.meta_steps:
+        raise ValueError(
+            f"cannot resume with meta_steps={requested.meta_steps}: the cosine schedule of "
+            f"this run spans its meta_steps={saved.meta_steps}, and a different length would "
+            "change every remaining learning rate. Resume with the same --meta-steps, or start "
+            f"a new run with --meta-steps {requested.meta_steps} (split it into --time-budget "
+            "chunks with --resume if it is long), or use --lr-schedule constant, whose runs can "
+            "be extended"
+        )
+
+
+def check_config(config: TrainConfig) -> None:
+    """Raise if ``config`` cannot train, before any data is loaded or any file written.
+
+    :class:`TrainConfig` checks each field alone; this checks what needs the library: that the
+    backbone and the inner solver exist, that the inner options suit the solver, and that the
+    inner step is stable at ``reg``. It builds the meta-optimizer of a one-parameter model, so
+    it costs nothing.
+
+    Args:
+        config: The run settings.
+
+    Raises:
+        ValueError: Naming the setting that fails and why.
+
+    Example:
+        >>> check_config(TrainConfig())
+        >>> check_config(TrainConfig(inner="sdg"))
+        Traceback (most recent call last):
+        ...
+        ValueError: ...sdg...
+    """
+    check_backbone(config.backbone)
+    build_meta_optimizer(nn.Linear(1, 1), config)
 
 
 def check_world_size(config: TrainConfig, world_size: int) -> None:
@@ -151,12 +211,16 @@ class _Run:
     config: TrainConfig
     model: nn.Module
     meta: ImplicitMetaOptimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
     sampler: EpisodeSampler
     image_shape: tuple[int, int, int]
     device: torch.device
     context: DistributedContext
     step: int = 0
     elapsed: float = 0.0
+    # The best validation score so far and its step; in the checkpoint, so that a resumed run
+    # keeps the same best.pt as an uninterrupted one.
+    best: dict[str, float | int] | None = None
 
     def _rank_state(self) -> dict[str, Any]:
         """The random streams of this rank: its episode sampler and torch's generators."""
@@ -174,7 +238,8 @@ class _Run:
 
         The model and Adam's state are the same on every rank; the random streams are not, so
         ``ranks`` holds each rank's (the top-level ``sampler``/``torch_rng``/``cuda_rng`` are
-        rank 0's, the layout of a single-process checkpoint).
+        rank 0's, the layout of a single-process checkpoint). Nothing in it depends on the
+        clock, so the same run gives the same bytes.
         """
         mine = self._rank_state()
         ranks = all_gather_objects(mine, self.context)
@@ -185,9 +250,10 @@ class _Run:
             "config": self.config.to_dict(),
             "image_shape": list(self.image_shape),
             "step": self.step,
-            "elapsed": self.elapsed,
             "model": self.model.state_dict(),
             "meta": self.meta.state_dict(),
+            "lr_scheduler": self.scheduler.state_dict(),
+            "best": dict(self.best) if self.best is not None else {},
             **mine,
             "world_size": self.context.world_size,
             "ranks": ranks,
@@ -202,19 +268,31 @@ class _Run:
             )
         self.model.load_state_dict(state["model"])
         self.meta.load_state_dict(state["meta"])
+        self.step = int(state["step"])
+        if "lr_scheduler" in state:
+            self.scheduler.load_state_dict(state["lr_scheduler"])
+        else:
+            # A checkpoint of an older version (its rate followed the clock): continue the
+            # step-indexed schedule from its step.
+            self.scheduler.last_epoch = self.step
+            for group in self.meta.outer_optimizer.param_groups:
+                group["lr"] = meta_lr_at(self.config, self.step)
+        self.best = dict(state["best"]) if state.get("best") else None
         streams = state["ranks"][self.context.rank] if "ranks" in state else state
         self.sampler.load_state_dict(decode_json_tensor(streams["sampler"]))
         torch.set_rng_state(streams["torch_rng"].cpu())
         if self.device.type == "cuda" and streams.get("cuda_rng"):
             torch.cuda.set_rng_state_all([s.cpu() for s in streams["cuda_rng"]])
-        self.step = int(state["step"])
-        self.elapsed = float(state["elapsed"])
 
     def checkpoint(self, path: Path) -> None:
         """Write the checkpoint (rank 0); every rank must call it."""
         state = self.state()
         if state is not None:
             save_checkpoint(state, path)
+
+    @property
+    def lr(self) -> float:
+        return float(self.meta.outer_optimizer.param_groups[0]["lr"])
 
 
 def _record(step: int, elapsed: float, totals: Tensor, count: int, lr: float) -> dict[str, Any]:
@@ -238,21 +316,30 @@ def train(
 
     Each meta-step draws ``meta_batch`` N-way K-shot episodes from the meta-train classes, adapts
     the model to every support set with the inner solver, and steps Adam on the task-mean
-    implicit meta-gradient of the query cross-entropy, at the learning rate of
-    ``config.lr_schedule`` (:func:`~implicit_meta.fewshot.config.meta_lr_at`). Training stops
-    after ``meta_steps`` steps or ``time_budget`` seconds, whichever comes first; the model is
-    then evaluated on ``eval_episodes`` test episodes.
+    implicit meta-gradient of the query cross-entropy; the learning rate follows
+    ``config.lr_schedule`` by meta-step (:func:`~implicit_meta.fewshot.build_lr_scheduler`).
+    With ``val_episodes`` > 0 the model is scored on validation classes at the start, every
+    ``val_every`` steps and at the end, and the best-scoring state is kept in ``best.pt``.
+    After ``meta_steps`` steps the selected checkpoint (``best.pt`` with validation, else the
+    last) and the untrained initialisation are scored on the same ``eval_episodes`` test
+    episodes under the same adaptation, so the gain from meta-learning is in every result.
+
+    ``time_budget`` stops a call cleanly after that many seconds of meta-training, with a
+    checkpoint and without evaluating; resuming continues it. The clock decides only where a
+    call stops, never what is computed, so a run done in several budgeted calls ends with the
+    same checkpoint as an uninterrupted run.
 
     Files in ``out_dir``: ``checkpoint.pt`` (every ``checkpoint_every`` steps and at the end,
-    written atomically), ``metrics.jsonl`` (every ``log_every`` steps: means over the steps since
-    the previous record, and the learning rate), ``curves.png``, ``config.json`` and
+    written atomically), ``best.pt`` (with validation), ``metrics.jsonl`` (every
+    ``log_every`` steps: means over the steps since the previous record, and the learning rate;
+    validation scores as their own records), ``curves.png``, ``config.json`` and
     ``evaluation.json``.
 
-    Resuming restores the model, Adam's state, the episode streams, torch's random state, the
-    step and the elapsed training time, so on the same device and thread count a resumed run
-    ends with exactly the parameters of an uninterrupted one when it is stopped by
-    ``meta_steps`` and its learning rate does not depend on the clock (``time_budget=0`` or
-    the constant schedule).
+    Determinism: the checkpoint holds the model, Adam's state, the scheduler, the best
+    validation score, the episode streams, torch's random state and the step, and nothing that
+    depends on the clock. On the same device and thread count, the same config gives the same
+    checkpoint bytes, and a run killed at any point (even during a checkpoint write, which is
+    atomic) and resumed gives the uninterrupted run's final checkpoint.
 
     Under ``torchrun`` (``WORLD_SIZE`` > 1) the processes join a process group (``nccl`` on
     GPUs, ``gloo`` on CPUs), start from rank 0's parameters, and each draws ``meta_batch /
@@ -260,20 +347,22 @@ def train(
     Their meta-gradients are averaged with one ``all_reduce`` before every rank takes the same
     Adam step, so the parameters stay identical. Rank 0 alone writes files and shows progress;
     its checkpoint holds every rank's random streams, so a run resumes with the same number of
-    processes. The test episodes are split across the ranks and the accuracies gathered, so the
-    mean and its interval cover all ``eval_episodes``.
+    processes. Validation and test episodes are split across the ranks and the accuracies
+    gathered, so the summaries cover all of them.
 
     Global state: seeds torch's generator with ``config.seed``, sets torch's CPU thread count
-    (``config.threads``; with ``0``, the cores are shared among the ranks on the machine), and
-    creates and destroys the default process group under ``torchrun`` unless one exists.
+    (``config.threads``; with ``0``, the cores available to the process, shared among the
+    ranks on the machine), and creates and destroys the default process group under
+    ``torchrun`` unless one exists.
 
     Args:
         config: The run settings.
         out_dir: Run folder, created if needed (by rank 0).
         resume: Continue from ``out_dir/checkpoint.pt``; ``config`` may differ from the stored
-            one only in :data:`~implicit_meta.fewshot.config.RESUMABLE_FIELDS`.
+            one only as :func:`check_resumable` allows.
         progress: Show tqdm bars (meta-training and evaluation) on stderr, on rank 0.
-        splits: Meta-train / meta-test datasets to use instead of loading ``config.dataset``.
+        splits: Meta-train / meta-test (/ validation) datasets to use instead of loading
+            ``config.dataset``; without ``splits.val`` there is no validation.
 
     Returns:
         The outcome, with the evaluation if one was run (the same on every rank).
@@ -281,7 +370,7 @@ def train(
     Raises:
         FileExistsError: If ``out_dir`` already holds a checkpoint and ``resume`` is false.
         FileNotFoundError: If ``resume`` is true and there is no checkpoint.
-        ValueError: If the resumed config changes a non-resumable field, the checkpoint was
+        ValueError: If the resumed config changes what the run computes, the checkpoint was
             written by a different number of processes, or the meta-batch does not divide
             across the processes (raised before any process joins the group).
         implicit_meta.fewshot.DeviceUnavailableError: If CUDA is requested but absent.
@@ -292,7 +381,7 @@ def train(
         >>> warnings.simplefilter("ignore")  # curvature warnings of an untrained model
         >>> config = TrainConfig(backbone="conv4-8", ways=3, shots=1, queries=2,
         ...                      inner_steps=2, cg_steps=2, meta_batch=2, meta_steps=2,
-        ...                      eval_episodes=4, threads=1, device="cpu")
+        ...                      eval_episodes=4, val_episodes=0, threads=1, device="cpu")
         >>> out = tempfile.mkdtemp()
         >>> result = train(config, out, progress=False)
         >>> sorted(p.name for p in result.out_dir.iterdir())[:3]
@@ -301,6 +390,7 @@ def train(
     # Checked before joining the group: every rank raises the same error at once instead of
     # some ranks waiting forever for others.
     check_world_size(config, launch_world_size())
+    check_config(config)
     device = resolve_device(config.device)
     owns_group = launch_world_size() > 1 and not dist.is_initialized()
     context = init_distributed(config.device)
@@ -341,8 +431,9 @@ def _prepare_output(
             f"{checkpoint_path} exists; resume it or choose another output folder"
         )
     out.mkdir(parents=True, exist_ok=True)
-    # Temp files of a save that was killed before its rename; the checkpoint itself is intact.
-    for stale in out.glob(f".{CHECKPOINT_NAME}.*.tmp"):
+    # Temp files of a write (checkpoint, best.pt, curves) killed before its rename; the files
+    # they were meant to replace are intact.
+    for stale in out.glob(".*.tmp"):
         stale.unlink(missing_ok=True)
     return saved
 
@@ -383,7 +474,13 @@ def _train(
     progress = progress and context.is_main
     saved = _prepare_everywhere(config, out, resume, context)
     if splits is None:
-        splits = load_splits(config.dataset, config.root, config.protocol)
+        splits = load_splits(
+            config.dataset,
+            config.root,
+            config.protocol,
+            val_classes=config.val_classes if config.val_episodes else 0,
+            validation=config.val_episodes > 0,
+        )
 
     torch.manual_seed(config.seed)
     image_shape = splits.train.image_shape
@@ -391,10 +488,12 @@ def _train(
     # Same seed, same initialisation on every rank in practice; the broadcast makes it certain
     # (e.g. for nondeterministic initialisers on some devices).
     broadcast_parameters(model, context)
+    meta = build_meta_optimizer(model, config)
     run = _Run(
         config=config,
         model=model,
-        meta=build_meta_optimizer(model, config),
+        meta=meta,
+        scheduler=build_lr_scheduler(meta.outer_optimizer, config),
         sampler=EpisodeSampler(
             splits.train,
             config.ways,
@@ -420,22 +519,36 @@ def _train(
         if log is not None:
             # Records logged after the checkpoint are about to be recomputed.
             log.truncate_after(run.step)
+        # Total training time so far, for the logs only: the checkpoint holds no clock.
+        logged = [r["elapsed"] for r in read_metrics(out / METRICS_NAME) if "elapsed" in r]
+        run.elapsed = broadcast_object(float(logged[-1]) if logged else 0.0, context)
     elif log is not None:
         log.path.unlink(missing_ok=True)
+        (out / BEST_NAME).unlink(missing_ok=True)
     if context.is_main:
         (out / CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2) + "\n", "utf-8")
 
-    stopped_by = _meta_train(run, log, checkpoint_path, progress)
+    validation = splits.val if config.val_episodes > 0 else None
+    stopped_by = _meta_train(run, log, out, validation, progress)
     run.checkpoint(checkpoint_path)
 
-    evaluation = None
-    if config.eval_episodes > 0:
-        evaluation = _evaluate(run, splits, progress)
+    evaluation = baseline = None
+    evaluated: Path | None = None
+    evaluated_step: int | None = None
+    if config.eval_episodes > 0 and stopped_by == "meta_steps":
+        evaluated, evaluated_step, selected = _selected_model(run, out, validation is not None)
+        evaluation = _evaluate(run, splits.test, selected, config.eval_episodes, progress)
+        start = initial_model(config, image_shape, device)
+        broadcast_parameters(start, context)
+        baseline = _evaluate(run, splits.test, start, config.eval_episodes, progress)
         if context.is_main:
             summary = {
                 **evaluation.to_dict(),
-                "step": run.step,
-                "checkpoint": str(checkpoint_path),
+                "step": evaluated_step,
+                "checkpoint": str(evaluated),
+                "baseline": baseline.to_dict(),
+                "gain": evaluation.accuracy - baseline.accuracy,
+                "best": run.best,
             }
             (out / EVALUATION_NAME).write_text(json.dumps(summary, indent=2) + "\n", "utf-8")
     if log is not None:
@@ -443,18 +556,42 @@ def _train(
             read_metrics(log.path),
             out / CURVES_NAME,
             test_accuracy=evaluation.accuracy if evaluation else None,
+            baseline_accuracy=baseline.accuracy if baseline else None,
             title=_title(config),
         )
-    return TrainResult(out, run.step, run.elapsed, stopped_by, evaluation)
+    return TrainResult(
+        out, run.step, run.elapsed, stopped_by, evaluation, baseline, evaluated, evaluated_step
+    )
 
 
-def _evaluate(run: _Run, splits: FewShotSplits, progress: bool) -> EvaluationResult:
-    """Each rank scores its share of the test episodes; the summary covers all of them."""
+def _selected_model(run: _Run, out: Path, validated: bool) -> tuple[Path, int, nn.Module]:
+    """The checkpoint the final evaluation scores: the best validated one, else the last."""
+    if not validated or run.best is None:
+        return out / CHECKPOINT_NAME, run.step, run.model
+    if int(run.best["step"]) == run.step:  # best.pt holds the current parameters
+        return out / BEST_NAME, run.step, run.model
+    state: dict[str, Tensor] | None = None
+    if run.context.is_main:
+        state = load_checkpoint(out / BEST_NAME)["model"]
+    state = broadcast_object(state, run.context)
+    model = build_model(run.config, run.image_shape, run.device)
+    assert state is not None  # every rank has rank 0's copy
+    model.load_state_dict(state)
+    return out / BEST_NAME, int(run.best["step"]), model
+
+
+def _evaluate(
+    run: _Run, dataset: FewShotDataset, model: nn.Module, episodes: int, progress: bool
+) -> EvaluationResult:
+    """Each rank scores its share of the episodes of ``dataset``; the summary covers all.
+
+    The episodes depend only on the seed and the dataset, so every model scored on a dataset
+    (the meta-trained one, the best one, the untrained one) sees the same tasks.
+    """
     config, context = run.config, run.context
-    episodes = config.eval_episodes
     share = episodes // context.world_size + (context.rank < episodes % context.world_size)
     sampler = EpisodeSampler(
-        splits.test,
+        dataset,
         config.ways,
         config.shots,
         config.queries,
@@ -462,7 +599,8 @@ def _evaluate(run: _Run, splits: FewShotSplits, progress: bool) -> EvaluationRes
         run.device,
         rank=context.rank,
     )
-    mine = episode_accuracies(run.meta, sampler, share, progress=progress)
+    meta = run.meta if model is run.model else build_meta_optimizer(model, config)
+    mine = episode_accuracies(meta, sampler, share, progress=progress)
     values = [value for part in all_gather_objects(mine, context) for value in part]
     return EvaluationResult.from_accuracies(values, config.ways, config.shots)
 
@@ -483,31 +621,62 @@ def _adjoint_words(config: TrainConfig) -> str:
     return adjoint.replace(curvature=curvature).describe()
 
 
-def _set_lr(run: _Run) -> float:
-    lr = meta_lr_at(run.config, run.step, run.elapsed)
-    for group in run.meta.outer_optimizer.param_groups:
-        group["lr"] = lr
-    return lr
+def _validate(
+    run: _Run, log: MetricsLog | None, out: Path, validation: FewShotDataset
+) -> EvaluationResult:
+    """Score the current model on the validation episodes; keep it in best.pt if it is best.
+
+    best.pt is written before the checkpoint that records the new best: a kill in between
+    resumes from an older checkpoint, which validates this step again and rewrites the same
+    best.pt.
+    """
+    result = _evaluate(run, validation, run.model, run.config.val_episodes, progress=False)
+    if run.best is None or result.accuracy > float(run.best["accuracy"]):
+        run.best = {"step": run.step, "accuracy": result.accuracy}
+        state = run.state()
+        if state is not None:
+            save_checkpoint(state, out / BEST_NAME)
+    if log is not None:
+        log.append(
+            {
+                "step": run.step,
+                "elapsed": round(run.elapsed, 3),
+                "val_accuracy": result.accuracy,
+                "val_ci95": result.ci95,
+            }
+        )
+    return result
 
 
-def _meta_train(run: _Run, log: MetricsLog | None, checkpoint_path: Path, progress: bool) -> str:
+def _meta_train(
+    run: _Run,
+    log: MetricsLog | None,
+    out: Path,
+    validation: FewShotDataset | None,
+    progress: bool,
+) -> str:
     """Run meta-steps until ``meta_steps`` or the time budget; return which one stopped it.
 
-    Every rank runs this loop in lockstep: the stopping decision and the learning rate use rank
-    0's clock, and the collectives (gradient averaging, logging, checkpoints) fall on the same
-    steps everywhere.
+    Every rank runs this loop in lockstep: the stopping decision uses rank 0's clock, and the
+    collectives (gradient averaging, logging, validation, checkpoints) fall on the same steps
+    everywhere. The clock decides only whether the next step runs, never its arithmetic.
     """
     config, context = run.config, run.context
+    checkpoint_path = out / CHECKPOINT_NAME
     totals: Tensor | None = None
     count = 0
-    lr = _set_lr(run)
     stopped_by = "meta_steps"
-    start, base = time.perf_counter(), run.elapsed
+    start, base, first_step = time.perf_counter(), run.elapsed, run.step
     tasks_per_rank = config.meta_batch // context.world_size
 
     def clock() -> float:
         return broadcast_object(base + time.perf_counter() - start, context)
 
+    lr = run.lr
+    postfix: dict[str, str] = {}
+    if validation is not None and run.step == 0:
+        # The untrained model's score: the curve's step-0 point and the first best.pt.
+        postfix["val"] = f"{_validate(run, log, out, validation).accuracy:.3f}"
     bar = tqdm(
         total=config.meta_steps,
         initial=run.step,
@@ -519,12 +688,15 @@ def _meta_train(run: _Run, log: MetricsLog | None, checkpoint_path: Path, progre
     with bar:
         while run.step < config.meta_steps:
             run.elapsed = clock()
-            if config.time_budget and run.elapsed >= config.time_budget:
+            # Checked from the second step of a call on, so that every call makes progress.
+            spent = run.elapsed - base
+            if config.time_budget and run.step > first_step and spent >= config.time_budget:
                 stopped_by = "time_budget"
                 break
-            lr = _set_lr(run)
+            lr = run.lr
             batch = run.sampler.sample(tasks_per_rank)
             stats = meta_train_step(run.meta, batch, config.task_strategy).stacked()
+            run.scheduler.step()
             totals = stats if totals is None else totals + stats
             count += 1
             run.step += 1
@@ -534,21 +706,30 @@ def _meta_train(run: _Run, log: MetricsLog | None, checkpoint_path: Path, progre
                 record = _record(run.step, run.elapsed, all_reduce_mean(totals, context), count, lr)
                 if log is not None:
                     log.append(record)
-                postfix = {
-                    "loss": f"{record['outer_loss']:.3f}",
-                    "acc": f"{record['query_accuracy']:.3f}",
-                    "lr": f"{lr:.1e}",
-                }
-                if config.time_budget:
-                    # The bar's ETA counts meta_steps; with a budget, the budget ends it first.
-                    postfix["budget_left"] = f"{max(0.0, config.time_budget - run.elapsed):.0f}s"
+                seconds = max(run.elapsed - base, 1e-9)
+                postfix.update(
+                    loss=f"{record['outer_loss']:.3f}",
+                    acc=f"{record['query_accuracy']:.3f}",
+                    lr=f"{lr:.1e}",
+                    tasks_s=f"{(run.step - first_step) * config.meta_batch / seconds:.1f}",
+                    # Relative values (see MetaBatchStats) and the share of tasks whose CG met
+                    # non-positive curvature: what says whether the meta-gradient can be trusted.
+                    stat=f"{record['relative_stationarity']:.2g}",
+                    res=f"{record['relative_cg_residual']:.2g}",
+                    npc=f"{record['status_share.NONPOSITIVE_CURVATURE']:.0%}",
+                )
                 bar.set_postfix(postfix)
                 totals, count = None, 0
-            if run.step % config.checkpoint_every == 0:
+            if validation is not None and (
+                run.step % config.val_every == 0 or run.step == config.meta_steps
+            ):
                 run.elapsed = clock()
+                postfix["val"] = f"{_validate(run, log, out, validation).accuracy:.3f}"
+                bar.set_postfix(postfix)
+            if run.step % config.checkpoint_every == 0:
                 run.checkpoint(checkpoint_path)
                 if log is not None:
-                    plot_curves(read_metrics(log.path), checkpoint_path.parent / CURVES_NAME)
+                    plot_curves(read_metrics(log.path), out / CURVES_NAME)
     run.elapsed = clock()
     if totals is not None and count:
         record = _record(run.step, run.elapsed, all_reduce_mean(totals, context), count, lr)

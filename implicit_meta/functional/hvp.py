@@ -40,8 +40,8 @@ HVPFn = Callable[[Params], Params]
 def resolve_hvp_mode(mode: str) -> str:
     """Turn ``"auto"`` into a concrete strategy and reject unknown names.
 
-    Reverse-over-reverse reuses one gradient graph for every product; measured on a 2-core CPU
-    (Conv4, 20-way 1-shot) 5 products took 225 ms against 363 ms forward-over-reverse, so it is
+    Reverse-over-reverse reuses one gradient graph for every product, which made it the faster
+    of the two on Conv4 in ``benchmarks/meta_step.py`` (figures on the Benchmarks page), so it is
     the default.
 
     Args:

@@ -8,7 +8,7 @@ from torch import nn
 
 from implicit_meta.models.conv4 import Conv4
 
-__all__ = ["TIMM_PREFIX", "build_backbone", "list_backbones"]
+__all__ = ["TIMM_PREFIX", "build_backbone", "check_backbone", "list_backbones"]
 
 TIMM_PREFIX = "timm:"
 """Prefix of a timm model spec, e.g. ``"timm:resnet10t"``."""
@@ -28,6 +28,37 @@ def list_backbones() -> list[str]:
         ['conv4', 'conv4-<width>', 'timm:<name>']
     """
     return ["conv4", "conv4-<width>", TIMM_PREFIX + "<name>"]
+
+
+def check_backbone(spec: str) -> None:
+    """Raise unless :func:`build_backbone` knows ``spec``, without building anything.
+
+    Args:
+        spec: ``"conv4"``, ``"conv4-<width>"`` or ``"timm:<name>"``.
+
+    Raises:
+        ValueError: If the spec is not recognised or timm does not know the model.
+
+    Example:
+        >>> check_backbone("conv4-32")
+        >>> check_backbone("resnet")
+        Traceback (most recent call last):
+        ...
+        ValueError: unknown backbone 'resnet'; expected one of conv4, conv4-<width>, timm:<name>
+    """
+    if _CONV4.fullmatch(spec) is not None:
+        return
+    if spec.startswith(TIMM_PREFIX):
+        # Imported here: timm takes seconds to import and Conv4 users never need it.
+        import timm
+
+        name = spec[len(TIMM_PREFIX) :]
+        if not name or not timm.is_model(name):
+            raise ValueError(
+                f"timm has no model {name!r}; see timm.list_models() for the available names"
+            )
+        return
+    raise ValueError(f"unknown backbone {spec!r}; expected one of {', '.join(list_backbones())}")
 
 
 def build_backbone(spec: str, *, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
@@ -61,21 +92,14 @@ def build_backbone(spec: str, *, num_classes: int, in_channels: int, image_size:
         >>> sum(p.numel() for p in model.parameters())
         28485
     """
+    check_backbone(spec)
     match = _CONV4.fullmatch(spec)
     if match is not None:
         width = int(match.group(1)) if match.group(1) else 64
         return Conv4(num_classes, in_channels, width=width, image_size=image_size)
-    if spec.startswith(TIMM_PREFIX):
-        # Imported here: timm takes seconds to import and Conv4 users never need it.
-        import timm
+    import timm
 
-        name = spec[len(TIMM_PREFIX) :]
-        if not name or not timm.is_model(name):
-            raise ValueError(
-                f"timm has no model {name!r}; see timm.list_models() for the available names"
-            )
-        model: nn.Module = timm.create_model(
-            name, pretrained=False, num_classes=num_classes, in_chans=in_channels
-        )
-        return model
-    raise ValueError(f"unknown backbone {spec!r}; expected one of {', '.join(list_backbones())}")
+    model: nn.Module = timm.create_model(
+        spec[len(TIMM_PREFIX) :], pretrained=False, num_classes=num_classes, in_chans=in_channels
+    )
+    return model
