@@ -150,14 +150,14 @@ class TrainConfig:
     cg_tol: float = 1e-10
     hvp: str = "auto"
     meta_batch: int = 4
-    meta_steps: int = 300
+    meta_steps: int = 150
     meta_lr: float = 3e-3
     lr_schedule: str = "cosine"
     time_budget: float = 0.0
     eval_episodes: int = 600
     val_classes: int = 100
-    val_episodes: int = 100
-    val_every: int = 100
+    val_episodes: int = 50
+    val_every: int = 50
     seed: int = 0
     device: str = "auto"
     threads: int = 0
