@@ -84,7 +84,10 @@ def test_torch_optim_class_solver_round_trips_by_name() -> None:
         (lambda s: s["settings"].update(inner="nope"), "unknown inner solver"),
         (lambda s: s["settings"].pop("inner_steps"), "lack"),
         (lambda s: s.pop("settings"), "must hold"),
-        (lambda s: s["outer_optimizer"]["param_groups"].append({"params": [99]}), ""),
+        (
+            lambda s: s["outer_optimizer"]["param_groups"].append({"params": [99]}),
+            "different number of parameter groups",
+        ),
     ],
 )
 def test_bad_state_dict_changes_nothing(change, message: str) -> None:

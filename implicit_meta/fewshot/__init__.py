@@ -10,7 +10,14 @@ Example:
     (1.0, 0.0, 0.0)
 """
 
-from implicit_meta.fewshot.builders import build_meta_optimizer, build_model
+# First: names the missing "fewshot" extra in one line if its packages are not installed.
+from implicit_meta.fewshot import _extra  # noqa: F401
+from implicit_meta.fewshot.builders import (
+    build_lr_scheduler,
+    build_meta_optimizer,
+    build_model,
+    initial_model,
+)
 from implicit_meta.fewshot.checkpoint import (
     CHECKPOINT_FORMAT,
     CheckpointError,
@@ -54,6 +61,7 @@ from implicit_meta.fewshot.trainer import (
     EVALUATION_NAME,
     METRICS_NAME,
     TrainResult,
+    check_config,
     check_resumable,
     check_world_size,
     train,
@@ -80,8 +88,10 @@ __all__ = [
     "TrainResult",
     "accuracy",
     "available_cpus",
+    "build_lr_scheduler",
     "build_meta_optimizer",
     "build_model",
+    "check_config",
     "check_resumable",
     "check_world_size",
     "confidence_interval",
@@ -91,6 +101,7 @@ __all__ = [
     "episode_accuracies",
     "evaluate_checkpoint",
     "evaluate_episodes",
+    "initial_model",
     "load_checkpoint",
     "load_meta_model",
     "load_splits",
