@@ -72,9 +72,10 @@ class TrainConfig:
     (``cg_steps=0``; ``cg_steps=5`` gives the Gauss-Newton implicit one), 4 tasks per
     meta-batch, and Adam at ``meta_lr`` with a cosine decay to 0 over a fixed number of
     meta-steps. The meta-gradient default is the one the adjoint study on the Benchmarks page
-    found never below the others beyond the noise, at the lowest cost per step. Nothing in the arithmetic depends on the clock: the same config
-    gives the same checkpoint on the same machine. The measured accuracy and running time of
-    the defaults are in the README, with the command that produced them.
+    found never below the others beyond the noise, at the lowest cost per step. Nothing in the
+    arithmetic depends on the clock: the same config gives the same checkpoint on the same
+    machine. The measured accuracy and running time of the defaults are in the README, with the
+    command that produced them.
 
     Attributes:
         dataset: ``"omniglot"`` or ``"mini-imagenet"``.
