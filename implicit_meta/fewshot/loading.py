@@ -63,13 +63,23 @@ def load_meta_model(
         torch.Size([6])
     """
     target = resolve_device(device) if isinstance(device, str) else torch.device(device)
+    return _load(checkpoint_path, target, initial=False)
+
+
+def _load(
+    checkpoint_path: str | os.PathLike[str], target: torch.device, *, initial: bool
+) -> tuple[nn.Module, TrainConfig]:
+    """Read a checkpoint once: its meta-trained model (or its untrained start) and config."""
     state = load_checkpoint(checkpoint_path, map_location="cpu")
     config = TrainConfig.from_dict(state["config"])
     shape = state.get("image_shape")
     if not isinstance(shape, list | tuple) or len(shape) != 3:
         raise CheckpointError(f"{checkpoint_path} has no valid image_shape entry")
     channels, height, width = (int(v) for v in shape)
-    model = build_model(config, (channels, height, width), target)
+    image_shape = (channels, height, width)
+    if initial:
+        return initial_model(config, image_shape, target), config
+    model = build_model(config, image_shape, target)
     model.load_state_dict(state["model"])
     return model, config
 
@@ -128,10 +138,7 @@ def evaluate_checkpoint(
         raise ValueError(f"episodes must be positive, got {episodes}")
     target = resolve_device(device)
     configure_threads(threads)
-    model, config = load_meta_model(checkpoint_path, target)
-    if initial:
-        channels, height, width = (int(v) for v in load_checkpoint(checkpoint_path)["image_shape"])
-        model = initial_model(config, (channels, height, width), target)
+    model, config = _load(checkpoint_path, target, initial=initial)
     meta = build_meta_optimizer(model, config)
     splits = load_splits(config.dataset, root if root is not None else config.root, config.protocol)
     sampler = EpisodeSampler(
