@@ -19,7 +19,8 @@ at once to ``benchmarks/results/adjoint_study.json``, so an interrupted study ke
 and skips it when run again.
 
 ``train --only newton_cg --steps 70 --seeds 0`` trains one method alone (into its own file,
-so it can run beside the main study); ``report`` merges it in.
+so it can run beside the main study); ``report`` merges it in. A run at other than its
+setting's standard steps (300 at 5-way, 200 at 20-way) is keyed ``5w/newton_cg@70/0``.
 
 ``weights --network 5w-hessian-0`` prints, for 32 tasks on a saved network, ||x|| / ||b|| of
 the Hessian, damped and Gauss-Newton solves: whether a few tasks dominate a meta-batch.
@@ -62,10 +63,10 @@ from implicit_meta import CGStatus
 from implicit_meta._module import functional_inner_loss, functional_loss, split_state
 from implicit_meta.data import EpisodeSampler
 from implicit_meta.fewshot import TrainConfig, build_meta_optimizer, build_model
-from implicit_meta.fewshot.data import load_splits
 from implicit_meta.fewshot.evaluation import confidence_interval, episode_accuracies
+from implicit_meta.fewshot.losses import cross_entropy
 from implicit_meta.fewshot.meta_batch import meta_train_step
-from implicit_meta.fewshot.tasks import cross_entropy
+from implicit_meta.fewshot.meta_splits import load_splits
 from implicit_meta.functional import curvature_products, solve_adjoint, solve_inner
 from implicit_meta.functional.curvature import resolve_curvature
 from implicit_meta.solvers import get_inner_solver
@@ -100,6 +101,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "gauss_newton": {"curvature": "gauss_newton"},
     "newton_cg": {"curvature": "hessian", "inner": "newton_cg", "inner_steps": 2, "inner_lr": 1.0},
 }
+STANDARD_STEPS = {5: 300, 20: 200}  # the issue's budget per setting; other runs say theirs
 EVAL_EPISODES = 600
 COSINE_TASKS = 8
 MINRES_STEPS = 300
@@ -127,6 +129,17 @@ def load_all() -> dict[str, Any]:
         for part in ("runs", "baselines", "timing"):
             results.setdefault(part, {}).update(more.get(part, {}))
     return results
+
+
+def run_key(method: str, ways: int, steps: int, seed: int, standard: int) -> str:
+    """``5w/gauss_newton/0``; a run at other than the setting's standard steps says its steps."""
+    name = method if steps == standard else f"{method}@{steps}"
+    return f"{ways}w/{name}/{seed}"
+
+
+def method_of(key: str) -> str:
+    """The method of a run key (``5w/newton_cg@70/0`` -> ``newton_cg``)."""
+    return key.split("/")[1].split("@")[0]
 
 
 def config_for(method: str, ways: int, steps: int, seed: int) -> TrainConfig:
@@ -298,6 +311,10 @@ def plan(args: argparse.Namespace, results: dict[str, Any]) -> list[tuple[str, i
     return runs
 
 
+def key_of(method: str, ways: int, steps: int, seed: int) -> str:
+    return run_key(method, ways, steps, seed, STANDARD_STEPS[ways])
+
+
 def mean_accuracy(results: dict[str, Any], method: str, seeds: list[int]) -> float:
     return float(np.mean([results["runs"][f"5w/{method}/{s}"]["accuracy"] for s in seeds]))
 
@@ -306,9 +323,12 @@ def train_all(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     splits = load_splits("omniglot", None, "paper")
     path = RESULTS.with_name(f"adjoint_study_{args.only}.json") if args.only else RESULTS
+    if args.results:
+        path = RESULTS.with_name(args.results)
     results = load(path)
     while True:
-        todo = [r for r in plan(args, results) if f"{r[1]}w/{r[0]}/{r[3]}" not in results["runs"]]
+        keys = {r: key_of(*r) for r in plan(args, results)}
+        todo = [r for r in keys if keys[r] not in results["runs"]]
         cheap_done = not any(r[1] == 5 and r[0] != "newton_cg" for r in todo)
         if cheap_done and not results.get("cosines") and not args.only:
             results["cosines"] = cosines_on_one_network(args.seeds[0], splits)
@@ -318,7 +338,7 @@ def train_all(args: argparse.Namespace) -> None:
         if not todo:
             break
         method, ways, steps, seed = todo[0]
-        key = f"{ways}w/{method}/{seed}"
+        key = keys[todo[0]]
         config = config_for(method, ways, steps, seed)
         base_key = f"{ways}w/{config.inner}/{seed}"
         if base_key not in results["baselines"]:
@@ -421,7 +441,7 @@ def report(args: argparse.Namespace) -> None:
         )
         print("| --- | --- | --- | --- | --- | --- | --- |")
         for method in METHODS:
-            for key in (k for k in rows if k.split("/")[1] == method):
+            for key in (k for k in rows if method_of(k) == method):
                 seed = key.split("/")[2]
                 run = results["runs"][key]
                 base = results["baselines"][f"{ways}w/{run['config']['inner']}/{seed}"]
@@ -466,6 +486,11 @@ def main() -> None:
         choices=list(METHODS),
         default=None,
         help="train just this method on 5-way (its results go to adjoint_study_<method>.json)",
+    )
+    parser.add_argument(
+        "--results",
+        default=None,
+        help="file name under benchmarks/results for this call's runs (two --only calls at once)",
     )
     args = parser.parse_args()
     commands = {"train": train_all, "timing": timing, "report": report, "weights": weights}

@@ -57,7 +57,13 @@ _TRAIN_FLAGS: tuple[tuple[str, str, type, str], ...] = (
     ("--inner-steps", "inner_steps", int, "inner solver steps per task"),
     ("--inner-lr", "inner_lr", float, "inner learning rate"),
     ("--reg", "reg", float, "proximal regularisation strength lambda"),
-    ("--cg-steps", "cg_steps", int, "conjugate-gradient iterations per task (0: first-order)"),
+    (
+        "--cg-steps",
+        "cg_steps",
+        int,
+        "conjugate-gradient iterations per task; 0 is first-order, and unset it is first-order "
+        "unless --curvature, --damping, --curvature-scale, --cg-tol or --hvp is given, then 5",
+    ),
     ("--cg-tol", "cg_tol", float, "CG's relative residual tolerance"),
     ("--damping", "damping", float, "delta >= 0 added to the curvature's diagonal"),
     (
@@ -173,12 +179,13 @@ def _add_train(subparsers: Any) -> None:
         ),
     )
     for flag, field, kind, text in _TRAIN_FLAGS:
+        default = getattr(_DEFAULTS, field)
         parser.add_argument(
             flag,
             dest=field,
             type=kind,
             metavar=field.upper(),
-            help=f"{text} (default: {getattr(_DEFAULTS, field)})",
+            help=text if default is None else f"{text} (default: {default})",
         )
     parser.add_argument(
         "--out",

@@ -53,6 +53,33 @@ def test_first_order_is_the_outer_gradient_exactly() -> None:
         assert torch.equal(param.grad, expected[name])
 
 
+def test_default_is_first_order_and_naming_a_system_turns_cg_on() -> None:
+    assert ImplicitAdjoint().cg_steps == 0 and ImplicitAdjoint().first_order
+    model = _mlp()
+    meta = im.ImplicitMetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    assert meta.adjoint == ImplicitAdjoint(cg_steps=0) and meta.cg_steps == 0
+    assert TrainConfig().adjoint().first_order
+    for field, value in [
+        ("curvature", "gauss_newton"),
+        ("damping", 0.5),
+        ("curvature_scale", 0.5),
+        ("cg_tol", 1e-6),
+        ("hvp", "forward_over_reverse"),
+    ]:
+        assert ImplicitAdjoint(**{field: value}).cg_steps == 5, field
+        assert ImplicitAdjoint().replace(**{field: value}).cg_steps == 5, field
+        assert TrainConfig(**{field: value}).adjoint().cg_steps == 5, field
+        with pytest.raises(ValueError, match=f"{field} given with cg_steps=0"):
+            ImplicitAdjoint(cg_steps=0, **{field: value})
+    assert ImplicitAdjoint(cg_steps=3).curvature == "auto"
+    # A given cg_steps is kept by replace(); a derived one is derived again.
+    assert ImplicitAdjoint(curvature="hessian", cg_steps=7).replace(damping=1.0).cg_steps == 7
+    assert ImplicitAdjoint(curvature="hessian").replace(curvature="auto").cg_steps == 0
+    assert ImplicitAdjoint.from_dict(ImplicitAdjoint().to_dict()) == ImplicitAdjoint()
+    with pytest.raises(ValueError, match="cg_steps must be"):
+        ImplicitAdjoint(cg_steps=-1)
+
+
 @pytest.mark.parametrize(("damping", "scale"), [(0.0, 1.0), (1.5, 1.0), (0.5, 0.25)])
 def test_damped_solve_equals_the_dense_solve(damping: float, scale: float) -> None:
     reg = 3.0
@@ -336,7 +363,7 @@ def test_train_config_and_cli_carry_every_adjoint_field() -> None:
             "--curvature-scale",
             "0.25",
             "--cg-steps",
-            "0",
+            "3",
             "--cg-tol",
             "1e-6",
             "--hvp",
@@ -351,14 +378,14 @@ def test_train_config_and_cli_carry_every_adjoint_field() -> None:
         curvature="hessian",
         damping=0.5,
         curvature_scale=0.25,
-        cg_steps=0,
+        cg_steps=3,
         cg_tol=1e-6,
         hvp="forward_over_reverse",
     )
     assert config.adjoint() == expected
     model = nn.Linear(3, 5)
     assert build_meta_optimizer(model, config).adjoint == expected
-    with pytest.raises(ValueError, match="curvature must be one of"):
+    with pytest.raises(ValueError, match="unknown curvature 'newton'"):
         TrainConfig(curvature="newton")
     with pytest.raises(ValueError, match="damping must be non-negative"):
         TrainConfig(damping=-1.0)

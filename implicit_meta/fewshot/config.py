@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from implicit_meta.functional.adjoint import ImplicitAdjoint
-from implicit_meta.functional.curvature import CURVATURES
-from implicit_meta.functional.hvp import HVP_MODES
 
 __all__ = [
     "DATASETS",
@@ -58,7 +58,7 @@ RESUMABLE_FIELDS = frozenset(
 They change how long or where a run goes on, not what it computes: the model, the optimiser,
 the task distribution and the random streams stay those of the checkpoint. ``meta_steps`` is
 resumable only with the constant schedule: under the cosine it sets the schedule's length (see
-:func:`~implicit_meta.fewshot.check_resumable`).
+:func:`~implicit_meta.fewshot.trainer.check_resumable`).
 """
 
 
@@ -69,8 +69,8 @@ class TrainConfig:
     The defaults are the ``implicit-meta train`` defaults: 5-way 5-shot Omniglot (paper split
     with 100 of its meta-train characters held out for validation, rotations as extra classes),
     a 32-channel Conv4, 5 inner SGD steps at 0.1 with ``reg=1``, the first-order meta-gradient
-    (``cg_steps=0``; ``cg_steps=5`` gives the Gauss-Newton implicit one), 4 tasks per
-    meta-batch, and Adam at ``meta_lr`` with a cosine decay to 0 over a fixed number of
+    (``cg_steps=5`` or ``curvature="gauss_newton"`` gives the Gauss-Newton implicit one), 4
+    tasks per meta-batch, and Adam at ``meta_lr`` with a cosine decay to 0 over a fixed number of
     meta-steps. The meta-gradient default is the one the adjoint study on the Benchmarks page
     found never below the others beyond the noise, at the lowest cost per step. Nothing in the
     arithmetic depends on the clock: the same config gives the same checkpoint on the same
@@ -94,8 +94,10 @@ class TrainConfig:
             :class:`~implicit_meta.functional.ImplicitAdjoint`).
         damping: ``delta >= 0`` added to the curvature's diagonal.
         curvature_scale: Factor on the curvature (1 but to reproduce another code's system).
-        cg_steps: Conjugate-gradient iterations per task; ``0`` (the default) is first-order,
-            the gradient of the query loss at the adapted parameters.
+        cg_steps: Conjugate-gradient iterations per task; ``0`` is first-order, the gradient
+            of the query loss at the adapted parameters. ``None`` (the default) is first-order
+            unless ``curvature``, ``damping``, ``curvature_scale``, ``cg_tol`` or ``hvp`` is
+            set, then 5 (see :class:`~implicit_meta.functional.ImplicitAdjoint`).
         cg_tol: CG's relative residual tolerance.
         hvp: Hessian-vector product strategy (``"auto"``, ``"reverse_over_reverse"``,
             ``"forward_over_reverse"``).
@@ -120,7 +122,7 @@ class TrainConfig:
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
         threads: CPU threads for torch (``0``: one per core this process may run on, a
             number that does not depend on the machine's load; see
-            :func:`~implicit_meta.fewshot.configure_threads`).
+            :func:`~implicit_meta.fewshot.device.configure_threads`).
         log_every: Meta-steps between entries of ``metrics.jsonl``.
         checkpoint_every: Meta-steps between checkpoints (one is always written at the end).
         task_strategy: How the tasks of a meta-batch are solved: ``"vmap"`` (vectorised over
@@ -150,7 +152,7 @@ class TrainConfig:
     curvature: str = "auto"
     damping: float = 0.0
     curvature_scale: float = 1.0
-    cg_steps: int = 0
+    cg_steps: int | None = None
     cg_tol: float = 1e-10
     hvp: str = "auto"
     meta_batch: int = 4
@@ -177,29 +179,25 @@ class TrainConfig:
             ValueError: If a value is out of range or a choice is unknown.
             TypeError: If a value has the wrong type.
         """
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            expected = _FIELD_TYPES[field.name]
-            if expected is bool:
-                if not isinstance(value, bool):
-                    raise TypeError(f"{field.name} must be True or False, got {value!r}")
-                continue
-            if field.name == "root":
-                if value is not None and not isinstance(value, str):
-                    raise TypeError(f"root must be a string or None, got {value!r}")
+        for name, (expected, optional) in _field_types().items():
+            value = getattr(self, name)
+            if value is None and optional:
                 continue
             if expected is float and isinstance(value, int) and not isinstance(value, bool):
-                object.__setattr__(self, field.name, float(value))
+                object.__setattr__(self, name, float(value))
                 value = float(value)
-            if isinstance(value, bool) or not isinstance(value, expected):
-                raise TypeError(f"{field.name} must be {expected.__name__}, got {value!r}")
+            if (expected is not bool and isinstance(value, bool)) or not isinstance(
+                value, expected
+            ):
+                kind = "True or False" if expected is bool else expected.__name__
+                raise TypeError(
+                    f"{name} must be {kind}{' or None' if optional else ''}, got {value!r}"
+                )
         _check_choice("dataset", self.dataset, DATASETS)
         _check_choice("protocol", self.protocol, PROTOCOLS)
         _check_choice("device", self.device, DEVICES)
         _check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         _check_choice("task_strategy", self.task_strategy, TASK_STRATEGIES)
-        _check_choice("curvature", self.curvature, CURVATURES)
-        _check_choice("hvp", self.hvp, HVP_MODES)
         for name in ("ways", "shots", "meta_batch", "log_every", "checkpoint_every", "val_every"):
             _check_min(name, getattr(self, name), 1)
         for name in (
@@ -213,10 +211,11 @@ class TrainConfig:
             "threads",
         ):
             _check_min(name, getattr(self, name), 0)
-        self.adjoint()  # the adjoint validates its own fields (reg, damping, cg_steps, ...)
+        # The adjoint validates its own fields (reg, curvature, damping, cg_steps, hvp, ...).
+        self.adjoint()
         if self.queries < 1:
             raise ValueError("queries must be at least 1 (the outer loss needs a query set)")
-        for name in ("inner_lr", "reg", "meta_lr"):
+        for name in ("inner_lr", "meta_lr"):
             value = getattr(self, name)
             if not math.isfinite(value) or value <= 0:
                 raise ValueError(f"{name} must be a positive finite number, got {value}")
@@ -284,7 +283,7 @@ class TrainConfig:
             >>> TrainConfig.from_dict({"shots": 1}).shots
             1
         """
-        unknown = set(values) - set(_FIELD_TYPES)
+        unknown = set(values) - set(_field_types())
         if unknown:
             raise ValueError(f"unknown config fields: {sorted(unknown)}")
         return cls(**dict(values))
@@ -312,8 +311,9 @@ def meta_lr_at(config: TrainConfig, step: int) -> float:
     meta_steps)) / 2``, from ``meta_lr`` at the first step to 0 after the last; with
     ``"constant"`` it is ``meta_lr``. It is a function of the step alone, so a resumed or a
     chunked run follows the same schedule as an uninterrupted one. The trainer steps the
-    equivalent :mod:`torch.optim.lr_scheduler` (:func:`~implicit_meta.fewshot.build_lr_scheduler`),
-    whose state is saved in checkpoints; this closed form documents and tests it.
+    equivalent :mod:`torch.optim.lr_scheduler`
+    (:func:`~implicit_meta.fewshot.builders.build_lr_scheduler`), whose state is saved in
+    checkpoints; this closed form documents and tests it.
 
     Args:
         config: Supplies ``meta_lr``, ``lr_schedule`` and ``meta_steps``.
@@ -344,38 +344,14 @@ def _check_min(name: str, value: int, minimum: int) -> None:
         raise ValueError(f"{name} must be at least {minimum}, got {value}")
 
 
-_FIELD_TYPES: dict[str, type] = {
-    "dataset": str,
-    "root": str,
-    "protocol": str,
-    "ways": int,
-    "shots": int,
-    "queries": int,
-    "backbone": str,
-    "inner": str,
-    "inner_steps": int,
-    "inner_lr": float,
-    "reg": float,
-    "curvature": str,
-    "damping": float,
-    "curvature_scale": float,
-    "cg_steps": int,
-    "cg_tol": float,
-    "hvp": str,
-    "meta_batch": int,
-    "meta_steps": int,
-    "meta_lr": float,
-    "lr_schedule": str,
-    "task_strategy": str,
-    "compile_inner": bool,
-    "time_budget": float,
-    "eval_episodes": int,
-    "val_classes": int,
-    "val_episodes": int,
-    "val_every": int,
-    "seed": int,
-    "device": str,
-    "threads": int,
-    "log_every": int,
-    "checkpoint_every": int,
-}
+@functools.cache
+def _field_types() -> dict[str, tuple[type, bool]]:
+    """Each TrainConfig field's type and whether it may be None, read from its annotation."""
+    found: dict[str, tuple[type, bool]] = {}
+    for name, hint in typing.get_type_hints(TrainConfig).items():
+        args = typing.get_args(hint)
+        if args:  # ``X | None``
+            found[name] = (next(a for a in args if a is not type(None)), True)
+        else:
+            found[name] = (hint, False)
+    return found

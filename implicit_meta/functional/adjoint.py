@@ -36,6 +36,9 @@ from implicit_meta.functional.curvature import (
 )
 from implicit_meta.functional.hvp import ScalarFn, resolve_hvp_mode
 
+IMPLICIT_CG_STEPS = 5
+"""CG steps an adjoint takes when a system is chosen but ``cg_steps`` is not."""
+
 
 @dataclass(frozen=True)
 class ImplicitAdjoint:
@@ -52,7 +55,13 @@ class ImplicitAdjoint:
             ``H / (lam + lam_damping)`` is ``s = lam / (lam + lam_damping)`` (see
             :meth:`official_imaml`).
         cg_steps: Conjugate-gradient iterations; ``0`` is the first-order meta-gradient
-            ``grad L_out(phi*)`` (no curvature products at all).
+            ``grad L_out(phi*)`` (no curvature products at all). ``None`` (the default)
+            resolves at construction: to ``0`` when no other field of the system is set, to
+            ``5`` when one is (``ImplicitAdjoint(curvature="gauss_newton")`` is Gauss-Newton
+            CG 5). The first-order default is the one the adjoint study on the Benchmarks page
+            found never below the implicit systems beyond the noise on ReLU networks;
+            ``cg_steps=0`` together with a curvature, damping, scale, tolerance or HVP
+            strategy is refused, since they would have no effect.
         cg_tol: CG's relative residual tolerance.
         hvp: Hessian-vector product strategy for ``curvature="hessian"`` (see
             :func:`~implicit_meta.functional.make_hvp`).
@@ -65,15 +74,17 @@ class ImplicitAdjoint:
         >>> adjoint = ImplicitAdjoint(reg=2.0, curvature="gauss_newton", cg_steps=10)
         >>> ImplicitAdjoint.from_dict(adjoint.to_dict()) == adjoint
         True
-        >>> ImplicitAdjoint(cg_steps=0).first_order
+        >>> ImplicitAdjoint().first_order
         True
+        >>> ImplicitAdjoint(curvature="gauss_newton").cg_steps
+        5
     """
 
     reg: float = 2.0
     curvature: str | CurvatureFn = "auto"
     damping: float = 0.0
     curvature_scale: float = 1.0
-    cg_steps: int = 5
+    cg_steps: int | None = None
     cg_tol: float = 1e-10
     hvp: str = "auto"
 
@@ -84,8 +95,6 @@ class ImplicitAdjoint:
         scale = check_real(self.curvature_scale, "curvature_scale", positive=True)
         object.__setattr__(self, "curvature_scale", scale)
         object.__setattr__(self, "cg_tol", check_real(self.cg_tol, "cg_tol", positive=False))
-        # cg_steps=0 is allowed: it is the first-order meta-gradient.
-        object.__setattr__(self, "cg_steps", check_int(self.cg_steps, "cg_steps", 0))
         if isinstance(self.curvature, str):
             if self.curvature not in CURVATURES:
                 raise ValueError(
@@ -100,11 +109,30 @@ class ImplicitAdjoint:
         if not isinstance(self.hvp, str):
             raise TypeError(f"hvp must be a string, got {self.hvp!r}")
         resolve_hvp_mode(self.hvp)  # raises ValueError naming the known modes
+        # Remembered so that replace() resolves cg_steps again rather than keep a derived 0.
+        object.__setattr__(self, "_cg_steps_derived", self.cg_steps is None)
+        object.__setattr__(self, "cg_steps", self._resolved_cg_steps())
+
+    def _resolved_cg_steps(self) -> int:
+        """``cg_steps`` as an int: ``None`` becomes 0 or 5; 0 beside a set system is refused."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        system_fields = ("curvature", "damping", "curvature_scale", "cg_tol", "hvp")
+        chosen = [name for name in system_fields if getattr(self, name) != defaults[name]]
+        if self.cg_steps is None:
+            return IMPLICIT_CG_STEPS if chosen else 0
+        steps = check_int(self.cg_steps, "cg_steps", 0)
+        if steps == 0 and chosen:
+            raise ValueError(
+                f"{', '.join(chosen)} given with cg_steps=0, the first-order meta-gradient, "
+                "which solves no system: give cg_steps >= 1 (for example 5) for the implicit "
+                "meta-gradient, or leave them at their defaults"
+            )
+        return steps
 
     @property
     def first_order(self) -> bool:
         """Whether this is the first-order meta-gradient (``cg_steps == 0``)."""
-        return self.cg_steps == 0
+        return not self.cg_steps
 
     @classmethod
     def official_imaml(
@@ -147,6 +175,9 @@ class ImplicitAdjoint:
     def replace(self, **changes: Any) -> ImplicitAdjoint:
         """A copy with some fields changed (validated again).
 
+        A ``cg_steps`` that was derived (not given) is derived again for the copy, so
+        ``ImplicitAdjoint().replace(curvature="hessian")`` takes 5 CG steps.
+
         Args:
             **changes: Field names to new values.
 
@@ -154,9 +185,11 @@ class ImplicitAdjoint:
             The new adjoint.
 
         Example:
-            >>> ImplicitAdjoint().replace(cg_steps=0).first_order
-            True
+            >>> ImplicitAdjoint(curvature="hessian").replace(cg_steps=10).describe()
+            'I + H/2, CG 10'
         """
+        if "cg_steps" not in changes and getattr(self, "_cg_steps_derived", False):
+            changes["cg_steps"] = None
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -166,8 +199,8 @@ class ImplicitAdjoint:
             One entry per field.
 
         Example:
-            >>> ImplicitAdjoint().to_dict()["curvature"]
-            'auto'
+            >>> ImplicitAdjoint().to_dict()["cg_steps"]
+            0
         """
         values = dataclasses.asdict(self)
         if not isinstance(self.curvature, str):
@@ -273,7 +306,8 @@ def solve_adjoint(
         >>> out.cg.solution["w"]  # 1 / (1 + (3 + 1)/1)
         tensor([0.2000, 0.2000])
     """
-    if adjoint.first_order:
+    steps = adjoint.cg_steps
+    if not steps:
         gradient, value = _grad_and_value(inner_loss, phi)
         reference = next(iter(outer_grad.values()))
         zero = torch.zeros((), dtype=reference.dtype, device=reference.device)
@@ -294,9 +328,7 @@ def solve_adjoint(
     def matvec(v: Params) -> Params:
         return tree_axpy(weight, product(v), tree_scale(identity, v))
 
-    cg = conjugate_gradient(
-        matvec, dict(outer_grad), max_steps=adjoint.cg_steps, tol=adjoint.cg_tol
-    )
+    cg = conjugate_gradient(matvec, dict(outer_grad), max_steps=steps, tol=adjoint.cg_tol)
     return AdjointSolve(value, gradient, cg)
 
 
