@@ -89,18 +89,11 @@ def imaml_training(steps: int, seed: int = 0) -> nn.Module:
 def adapted_loss(model: nn.Module, tasks: int, seed: int) -> float:
     """Mean query MSE after adapting to 10 support points with the same inner solver."""
     generator = torch.Generator().manual_seed(seed)
-    # An optimizer wrapper only for adapt(): lr 0 because it never steps.
-    meta = im.ImplicitMetaOptimizer(
-        model,
-        torch.optim.SGD(model.parameters(), lr=0.0),
-        reg=1.0,
-        inner_steps=10,
-        inner_lr=0.02,
-    )
     total = 0.0
     for _ in range(tasks):
         task = sample_task(generator)
-        adapted = meta.adapt(loss_fn, sample_points(task, 10, generator))
+        support = sample_points(task, 10, generator)
+        adapted = im.adapt(model, loss_fn, support, reg=1.0, inner_steps=10, inner_lr=0.02)
         with torch.no_grad():
             total += float(loss_fn(adapted, sample_points(task, 100, generator)))
     return total / tasks

@@ -7,6 +7,7 @@ Example:
 """
 
 from implicit_meta import functional
+from implicit_meta.adaptation import AdaptedModel, adapt
 from implicit_meta.functional.adjoint import ImplicitAdjoint
 from implicit_meta.functional.cg import CGStatus
 from implicit_meta.losses import OutputLoss, output_loss
@@ -24,12 +25,14 @@ __version__ = "0.1.0"
 """The package's version, as in its distribution metadata."""
 
 __all__ = [
+    "AdaptedModel",
     "CGStatus",
     "ImplicitAdjoint",
     "ImplicitMetaOptimizer",
     "MetaBackwardResult",
     "OutputLoss",
     "__version__",
+    "adapt",
     "functional",
     "get_inner_solver",
     "inner_solver",

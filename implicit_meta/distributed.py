@@ -21,7 +21,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from implicit_meta._batch import task_count
+from implicit_meta._device import resolve_device
+from implicit_meta._task_axis import task_count
 
 __all__ = [
     "DistributedContext",
@@ -30,6 +31,7 @@ __all__ = [
     "average_gradients",
     "broadcast_object",
     "broadcast_parameters",
+    "check_meta_batch_divides",
     "init_distributed",
     "launch_rank",
     "launch_world_size",
@@ -83,36 +85,28 @@ def init_distributed(device: str = "auto") -> DistributedContext:
         The :class:`DistributedContext` of this process.
 
     Raises:
-        ValueError: If ``device`` is not one of the three names.
-        RuntimeError: If CUDA is requested but not available, or there are fewer GPUs than
-            local ranks.
+        ValueError: If ``device`` is not one of the three names (an explicit ``"cuda:<i>"``
+            is refused too: each rank takes GPU ``LOCAL_RANK``).
+        implicit_meta.fewshot.DeviceUnavailableError: If CUDA is requested but not available,
+            or there are fewer GPUs than local ranks. A :class:`RuntimeError`, raised by the
+            same resolver as :func:`implicit_meta.fewshot.device.resolve_device`, so the
+            messages are the same.
 
     Example:
         >>> context = init_distributed("cpu")  # no torchrun: a single process
         >>> context.world_size, context.is_main
         (1, True)
     """
-    if device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
-    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
-    if use_cuda and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' was requested but CUDA is not available")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    torch_device = resolve_device(device, local_rank=local_rank)
+    use_cuda = torch_device.type == "cuda"
     world_size = launch_world_size()
     rank = launch_rank()
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     # Without torchrun's LOCAL_WORLD_SIZE, assume every rank shares this machine: dividing its
     # cores among too many ranks only costs speed, too few oversubscribes them.
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))
     if use_cuda:
-        if local_rank >= torch.cuda.device_count():
-            raise RuntimeError(
-                f"local rank {local_rank} needs GPU {local_rank}, but only "
-                f"{torch.cuda.device_count()} are visible"
-            )
-        torch_device = torch.device("cuda", local_rank)
         torch.cuda.set_device(torch_device)
-    else:
-        torch_device = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     return DistributedContext(rank, world_size, local_rank, torch_device, local_world_size)
@@ -155,6 +149,43 @@ def launch_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def check_meta_batch_divides(
+    meta_batch: int, world_size: int, *, setting: str = "meta-batch"
+) -> None:
+    """Raise unless ``meta_batch`` tasks split evenly across ``world_size`` processes.
+
+    Each rank computes the meta-gradient of ``meta_batch / world_size`` tasks; averaging the
+    ranks' gradients gives the task mean over the whole meta-batch only when every rank has as
+    many tasks. Checked both before the process group exists (by the trainer, so every rank
+    fails at once rather than waiting for the others) and when a batch is sharded.
+
+    Args:
+        meta_batch: Number of tasks in one meta-batch.
+        world_size: Number of processes (``torchrun``'s ``WORLD_SIZE``).
+        setting: How the message names the setting to change, e.g. ``"--meta-batch"`` for
+            the command line.
+
+    Raises:
+        ValueError: If ``world_size`` is not positive or does not divide ``meta_batch``; the
+            message suggests the next meta-batch that does.
+
+    Example:
+        >>> check_meta_batch_divides(4, 2)
+        >>> check_meta_batch_divides(4, 3)
+        Traceback (most recent call last):
+        ...
+        ValueError: the meta-batch of 4 tasks does not divide across 3 processes; ... e.g. 6
+    """
+    if world_size < 1:
+        raise ValueError(f"world_size must be a positive integer, got {world_size}")
+    if meta_batch % world_size:
+        suggestion = -(-meta_batch // world_size) * world_size
+        raise ValueError(
+            f"the meta-batch of {meta_batch} tasks does not divide across {world_size} "
+            f"processes; use a {setting} that is a multiple of {world_size}, e.g. {suggestion}"
+        )
+
+
 def shard_tasks(batch: Any, context: DistributedContext) -> Any:
     """This rank's contiguous share of a batch of tasks (leading dimension ``T``).
 
@@ -175,11 +206,7 @@ def shard_tasks(batch: Any, context: DistributedContext) -> Any:
         tensor([2, 3])
     """
     count = task_count(batch, batch)
-    if count % context.world_size:
-        raise ValueError(
-            f"the meta-batch of {count} tasks does not divide across {context.world_size} "
-            "ranks; choose a meta-batch that is a multiple of the number of processes"
-        )
+    check_meta_batch_divides(count, context.world_size)
     share = count // context.world_size
     start = context.rank * share
     return torch.utils._pytree.tree_map(

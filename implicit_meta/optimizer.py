@@ -2,138 +2,42 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import numbers
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-import torch.utils._pytree as pytree
 from torch import nn
 
-from implicit_meta._batch import check_task_dimension, select_task, task_count, task_in_dims
+from implicit_meta._batch_strategy import auto_strategy, loop_over_tasks, vmap_over_tasks
+from implicit_meta._diagnostics import check_finite_tasks, curvature_warning, naming_dtype_errors
 from implicit_meta._module import (
     LossFn,
     check_batch,
-    dtype_mismatch,
     functional_inner_loss,
     functional_loss,
     functional_loss_and_aux,
     split_state,
 )
-from implicit_meta.functional._checks import check_int, check_real
+from implicit_meta._settings import (
+    check_inner_solver,
+    check_model_and_optimizer,
+    resolve_adjoint,
+    saved_settings,
+    validated_settings,
+)
+from implicit_meta._task_axis import check_task_dimension, select_task, task_count
+from implicit_meta.adaptation import AdaptedModel, adapt_with_solver
 from implicit_meta.functional._stack import user_stacklevel
 from implicit_meta.functional._tree import Params
 from implicit_meta.functional.adjoint import ImplicitAdjoint
-from implicit_meta.functional.cg import CGStatus
 from implicit_meta.functional.curvature import CurvatureFn, resolve_curvature
-from implicit_meta.functional.implicit import TaskGradient, solve_inner, task_meta_gradient
+from implicit_meta.functional.implicit import TaskGradient, task_meta_gradient
 from implicit_meta.result import MetaBackwardResult
-from implicit_meta.solvers.first_order import check_momentum, proximal_step_limit, sgd
-from implicit_meta.solvers.registry import check_solver_options, get_inner_solver, registered_name
-from implicit_meta.solvers.torch_optim import check_torch_optimizer_options, torch_optimizer_solver
-
-InnerSpec = str | Callable[..., Params] | type[torch.optim.Optimizer]
-"""What ``inner=`` accepts: a registered name, a solver function, or a torch.optim class."""
-
-_TORCH_OPTIM_PREFIX = "torch.optim."
-
-
-def _resolve_inner(inner: InnerSpec) -> tuple[Callable[..., Params], str | None]:
-    """The solver function for ``inner`` and the name that recreates it, if any."""
-    if isinstance(inner, str):
-        if inner.startswith(_TORCH_OPTIM_PREFIX):
-            optimizer_class = getattr(torch.optim, inner[len(_TORCH_OPTIM_PREFIX) :], None)
-            if isinstance(optimizer_class, type) and issubclass(
-                optimizer_class, torch.optim.Optimizer
-            ):
-                return torch_optimizer_solver(optimizer_class), inner
-        return get_inner_solver(inner), inner
-    if isinstance(inner, type):
-        if issubclass(inner, torch.optim.Optimizer):
-            name = None
-            if getattr(torch.optim, inner.__name__, None) is inner:
-                name = _TORCH_OPTIM_PREFIX + inner.__name__
-            return torch_optimizer_solver(inner), name
-        raise TypeError(f"inner class must be a torch.optim.Optimizer subclass, got {inner!r}")
-    if callable(inner):
-        return inner, registered_name(inner)
-    raise TypeError(
-        "inner must be a registered solver name, a solver function or a torch.optim.Optimizer "
-        f"subclass, got {type(inner).__name__}"
-    )
-
-
-def _validated_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
-    """The inner-loop settings, checked (the linear solve's live in :class:`ImplicitAdjoint`)."""
-    options = settings.get("inner_options")
-    if options is not None and not isinstance(options, Mapping):
-        raise TypeError(f"inner_options must be a dict or None, got {type(options).__name__}")
-    return {
-        "inner_steps": check_int(settings["inner_steps"], "inner_steps", 0),
-        "inner_lr": check_real(settings["inner_lr"], "inner_lr", positive=True),
-        "inner_options": dict(options or {}),
-        "compile_inner": _check_bool(settings.get("compile_inner", False), "compile_inner"),
-    }
-
-
-def _resolve_adjoint(
-    adjoint: ImplicitAdjoint | None, shorthands: Mapping[str, Any]
-) -> ImplicitAdjoint:
-    """The adjoint from ``adjoint=`` or from the ``reg=``/``cg_steps=``/... shorthands."""
-    given = {name: value for name, value in shorthands.items() if value is not None}
-    if adjoint is None:
-        return ImplicitAdjoint(**given)
-    if not isinstance(adjoint, ImplicitAdjoint):
-        raise TypeError(f"adjoint must be an ImplicitAdjoint, got {type(adjoint).__name__}")
-    if given:
-        raise ValueError(
-            f"{', '.join(f'{k}=' for k in given)} given beside adjoint=: set them on the adjoint "
-            "instead (adjoint.replace(...))"
-        )
-    return adjoint
-
-
-def _check_inner_options(
-    solver: Callable[..., Params], inner_name: str | None, lr: float, options: dict[str, Any]
-) -> None:
-    """Refuse ``inner_options`` the solver does not take, or values torch.optim rejects."""
-    check_solver_options(solver, options, inner_name)
-    optimizer_class = getattr(solver, "optimizer_class", None)
-    if isinstance(optimizer_class, type) and issubclass(optimizer_class, torch.optim.Optimizer):
-        check_torch_optimizer_options(optimizer_class, lr, options)
-
-
-def _check_inner_stability(
-    solver: Callable[..., Params],
-    inner_name: str | None,
-    lr: float,
-    reg: float,
-    options: Mapping[str, Any],
-) -> None:
-    """Refuse an invalid SGD momentum, or an SGD step that diverges on the proximal term alone."""
-    if solver is not sgd and inner_name != "torch.optim.SGD":
-        return
-    momentum, nesterov = options.get("momentum", 0.0), options.get("nesterov", False)
-    if not isinstance(momentum, numbers.Real) or not isinstance(nesterov, bool):
-        return  # the solver reports its own type errors
-    momentum = check_momentum(momentum)
-    limit = proximal_step_limit(momentum, nesterov)
-    if lr * reg >= limit:
-        kind = "Nesterov momentum " if nesterov else ("momentum " if momentum else "")
-        raise ValueError(
-            f"inner_lr * reg = {lr * reg:g} diverges: SGD with {kind}{momentum:g} contracts the "
-            f"proximal term reg/2 ||phi - theta||^2 only for inner_lr * reg < {limit:g}; "
-            f"use inner_lr < {limit / reg:g} at reg={reg:g}"
-        )
-
-
-def _check_bool(value: object, name: str) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False, got {value!r}")
-    return value
+from implicit_meta.solvers.registry import vmap_unsupported_reason
+from implicit_meta.solvers.resolve import InnerSpec as InnerSpec
+from implicit_meta.solvers.resolve import resolve_inner_solver
 
 
 def _result(tasks: TaskGradient) -> MetaBackwardResult:
@@ -150,34 +54,6 @@ def _result(tasks: TaskGradient) -> MetaBackwardResult:
     )
 
 
-@contextlib.contextmanager
-def _naming_dtype_errors(theta: Params, support: Any, query: Any) -> Iterator[None]:
-    """Turn torch's error for a model and batch of different dtypes into one that says so.
-
-    Nothing is checked up front (a model may cast its inputs itself): only when the call fails
-    are the dtypes compared, so this costs nothing on the way.
-    """
-    try:
-        yield
-    except torch.OutOfMemoryError:
-        raise
-    except RuntimeError as error:
-        problem = dtype_mismatch(theta, {"support": support, "query": query})
-        if problem is None:
-            raise
-        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise ValueError(f"{problem} (torch: {first_line})") from error
-
-
-_CURVATURE_REMEDY = (
-    "Remedy: the positive semidefinite Gauss-Newton curvature: state the inner loss as "
-    "im.output_loss(F.cross_entropy) (curvature='auto' then picks it), or "
-    "adjoint=ImplicitAdjoint(curvature='gauss_newton'), or the first-order meta-gradient "
-    "(cg_steps=0), which trained as well or better in the adjoint study; a larger reg does not "
-    "help on ReLU networks (docs: Benchmarks, adjoint study)"
-)
-
-
 class ImplicitMetaOptimizer:
     """iMAML meta-training for any ``nn.Module`` and any outer ``torch.optim`` optimizer.
 
@@ -192,6 +68,12 @@ class ImplicitMetaOptimizer:
     stated with :func:`~implicit_meta.output_loss`, which ``curvature="auto"`` picks), damping,
     CG steps and tolerance; ``cg_steps=0`` is first-order. ``reg=``, ``cg_steps=``, ``cg_tol=``
     and ``hvp=`` are shorthands for its fields.
+
+    The default is the first-order meta-gradient ``grad L_out(phi*)``: on ReLU networks with a
+    few inner steps it trained as well as the best implicit system in the adjoint study (see the
+    Benchmarks page) at the lowest cost. Ask for the implicit one with ``cg_steps=5`` (the
+    curvature ``"auto"`` picks) or ``adjoint=ImplicitAdjoint(curvature=...)``; it is exact where
+    the theory holds, a smooth inner problem solved to stationarity.
 
     Parameters with ``requires_grad=False`` are not meta-parameters: they are used as constants,
     never adapted, and get no ``.grad``.
@@ -219,7 +101,8 @@ class ImplicitMetaOptimizer:
             checked against the solver's signature here (a torch.optim solver: its
             constructor's arguments and values), so a misspelt key fails at construction.
         cg_steps: CG iterations (curvature-vector products) per task; ``0`` is the first-order
-            meta-gradient (shorthand for ``adjoint.cg_steps``; default 5).
+            meta-gradient (shorthand for ``adjoint.cg_steps``; default: first-order, or 5
+            when ``cg_tol`` or ``hvp`` is given).
         cg_tol: CG's relative residual tolerance (shorthand; default 1e-10).
         hvp: Hessian-vector product strategy: ``"auto"``, ``"reverse_over_reverse"`` or
             ``"forward_over_reverse"`` (see :func:`implicit_meta.functional.make_hvp`;
@@ -273,28 +156,11 @@ class ImplicitMetaOptimizer:
         *,
         adjoint: ImplicitAdjoint | None = None,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if not isinstance(outer_optimizer, torch.optim.Optimizer):
-            raise TypeError(
-                "outer_optimizer must be a torch.optim.Optimizer, "
-                f"got {type(outer_optimizer).__name__}"
-            )
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        if not trainable:
-            raise ValueError("the model has no trainable parameters (none has requires_grad=True)")
-        model_ids = {id(p) for p in model.parameters()}
-        for group in outer_optimizer.param_groups:
-            for param in group["params"]:
-                if id(param) not in model_ids:
-                    raise ValueError(
-                        "outer_optimizer holds a tensor that is not a parameter of the model "
-                        f"(shape {tuple(param.shape)})"
-                    )
-        resolved_adjoint = _resolve_adjoint(
+        check_model_and_optimizer(model, outer_optimizer)
+        resolved_adjoint = resolve_adjoint(
             adjoint, {"reg": reg, "cg_steps": cg_steps, "cg_tol": cg_tol, "hvp": hvp}
         )
-        settings = _validated_settings(
+        settings = validated_settings(
             {
                 "inner_steps": inner_steps,
                 "inner_lr": inner_lr,
@@ -302,15 +168,8 @@ class ImplicitMetaOptimizer:
                 "compile_inner": compile_inner,
             }
         )
-        solver, inner_name = _resolve_inner(inner)
-        _check_inner_stability(
-            solver,
-            inner_name,
-            settings["inner_lr"],
-            resolved_adjoint.reg,
-            settings["inner_options"],
-        )
-        _check_inner_options(solver, inner_name, settings["inner_lr"], settings["inner_options"])
+        solver, inner_name = resolve_inner_solver(inner)
+        check_inner_solver(solver, inner_name, settings, resolved_adjoint.reg)
         self.model = model
         self.outer_optimizer = outer_optimizer
         self._solver = solver
@@ -335,7 +194,7 @@ class ImplicitMetaOptimizer:
     @property
     def cg_steps(self) -> int:
         """CG iterations per task, ``adjoint.cg_steps`` (``0``: first-order)."""
-        return self.adjoint.cg_steps
+        return self.adjoint.cg_steps or 0
 
     @property
     def cg_tol(self) -> float:
@@ -367,7 +226,7 @@ class ImplicitMetaOptimizer:
         # No separate check pass: the losses validate themselves (scalar, floating point,
         # differentiable) on their first evaluation, the gradient at theta, with the same
         # messages; a dtype clash between model and batch is named when torch trips over it.
-        with _naming_dtype_errors(theta, support, query):
+        with naming_dtype_errors(theta, support, query):
             return self._task_function(loss_fn, outer_loss_fn)(support, query, buffers, theta)
 
     def _check_curvature(
@@ -389,53 +248,11 @@ class ImplicitMetaOptimizer:
         self, meta_grad: Params, tasks: TaskGradient, *, batched: bool
     ) -> None:
         """Check losses and gradients for NaN/inf (one host sync), then add into ``p.grad``."""
-        grad_finite = torch.stack([torch.isfinite(g).all() for g in meta_grad.values()]).all()
-        inner_ok = torch.isfinite(tasks.inner_loss).reshape(-1)
-        outer_ok = torch.isfinite(tasks.outer_loss).reshape(-1)
-        status = tasks.cg.status.reshape(-1).to(torch.int64)
-        flags = torch.cat(
-            [
-                grad_finite.reshape(1).to(torch.int64),
-                inner_ok.to(torch.int64),
-                outer_ok.to(torch.int64),
-                status,
-            ]
-        ).tolist()
-        count = len(status)
-        grad_ok = bool(flags[0])
-        inner_flags, outer_flags = flags[1 : 1 + count], flags[1 + count : 1 + 2 * count]
-        statuses = flags[1 + 2 * count :]
-
-        def which(bad: list[int]) -> str:
-            return f" in tasks {bad}" if batched else ""
-
-        bad_inner = [t for t, ok in enumerate(inner_flags) if not ok]
-        if bad_inner:
-            raise ValueError(
-                f"the inner loss is not finite at the adapted parameters{which(bad_inner)}; the "
-                "inner solver diverged or loss_fn produced NaN/inf on the support batch "
-                "(try a smaller inner_lr)"
-            )
-        bad_outer = [t for t, ok in enumerate(outer_flags) if not ok]
-        if bad_outer:
-            raise ValueError(f"the outer loss is not finite on the query batch{which(bad_outer)}")
-        bad_grad = [t for t, st in enumerate(statuses) if st == CGStatus.NONFINITE]
-        if not grad_ok or bad_grad:
-            raise ValueError(
-                f"the meta-gradient is not finite{which(bad_grad)}: a Hessian-vector product "
-                "produced NaN/inf"
-            )
-        bad_curvature = statuses.count(int(CGStatus.NONPOSITIVE_CURVATURE))
+        bad_curvature = check_finite_tasks(meta_grad, tasks, batched=batched)
         if bad_curvature:
             system = self.adjoint.replace(curvature=self._curvature_in_use).describe()
-            self._warn_once(
-                "curvature",
-                f"the adjoint system {system} is not positive definite at the "
-                f"adapted parameters in {bad_curvature} of {count} tasks; CG stopped early there "
-                "and the meta-gradient is far from the solve. "
-                + _CURVATURE_REMEDY
-                + " (shown once per optimizer; cg_status marks each affected task)",
-            )
+            count = tasks.cg.status.numel()
+            self._warn_once("curvature", curvature_warning(system, bad_curvature, count))
         with torch.no_grad():
             for name, param in self._trainable():
                 grad = meta_grad[name].to(dtype=param.dtype, device=param.device)
@@ -483,7 +300,8 @@ class ImplicitMetaOptimizer:
             >>> import torch, torch.nn.functional as F
             >>> import implicit_meta as im
             >>> model = torch.nn.Linear(2, 1)
-            >>> meta = im.ImplicitMetaOptimizer(model, torch.optim.SGD(model.parameters(), 0.1))
+            >>> meta = im.ImplicitMetaOptimizer(model, torch.optim.SGD(model.parameters(), 0.1),
+            ...                                 cg_steps=5)
             >>> mse = lambda m, b: F.mse_loss(m(b[0]), b[1])
             >>> batch = (torch.randn(8, 2), torch.randn(8, 1))
             >>> r = meta.meta_backward(mse, batch, batch)
@@ -580,7 +398,7 @@ class ImplicitMetaOptimizer:
         check_batch(first_support, "support")
         check_batch(first_query, "query")
         theta, _, _ = self._split_checked()
-        with _naming_dtype_errors(theta, first_support, first_query):
+        with naming_dtype_errors(theta, first_support, first_query):
             self._precheck(loss_fn, outer_loss_fn, first_support, first_query)
         if strategy == "auto":
             strategy = self._auto_strategy(next(iter(theta.values())).device)
@@ -588,7 +406,7 @@ class ImplicitMetaOptimizer:
         if strategy == "vmap":
             # A failure is remembered: a model that vmap rejects would otherwise pay for a
             # failed vmapped solve at every meta-step.
-            reason = getattr(self._solver, "vmap_unsupported", None) or self._vmap_failure
+            reason = vmap_unsupported_reason(self._solver) or self._vmap_failure
             if reason is None:
                 try:
                     tasks = self._solve_tasks_vmap(loss_fn, support, query, outer_loss_fn, count)
@@ -603,7 +421,7 @@ class ImplicitMetaOptimizer:
                     f"meta_backward_batch falls back to a loop over tasks ({reason})",
                 )
         if tasks is None:
-            with _naming_dtype_errors(theta, first_support, first_query):
+            with naming_dtype_errors(theta, first_support, first_query):
                 tasks = self._solve_tasks_loop(loss_fn, support, query, outer_loss_fn, count)
         scale = 1.0 / count if reduction == "mean" else 1.0
         total = {k: v.sum(dim=0) * scale for k, v in tasks.meta_grad.items()}
@@ -611,12 +429,7 @@ class ImplicitMetaOptimizer:
         return _result(tasks)
 
     def _auto_strategy(self, device: torch.device) -> str:
-        # On the CPU one task's convolutions already use every core, so vmap gains nothing per
-        # inner step and costs more up front and in memory (see meta_backward_batch); on CUDA
-        # one kernel for all tasks keeps the device busy.
-        if getattr(self._solver, "vmap_unsupported", None):
-            return "loop"  # known up front: no need to try vmap and warn
-        return "vmap" if device.type == "cuda" else "loop"
+        return auto_strategy(self._solver, device)
 
     def _split_checked(self) -> tuple[Params, Params, Params]:
         theta, frozen, buffers = split_state(self.model)
@@ -656,35 +469,15 @@ class ImplicitMetaOptimizer:
         self, loss_fn: LossFn, support: Any, query: Any, outer_loss_fn: LossFn | None, count: int
     ) -> TaskGradient:
         theta, _, buffers = self._split_checked()
-        # One copy of theta and of the buffers per task. Buffers: BatchNorm's in-place
-        # running-statistics update then happens on batched tensors, which vmap allows, and is
-        # thrown away with them. Theta: solvers whose state starts as zeros_like(params) and is
-        # updated in place (torchopt's Adam moments) need a batched start.
-        task_theta = {k: v.unsqueeze(0).expand(count, *v.shape).clone() for k, v in theta.items()}
-        task_buffers = {
-            k: v.unsqueeze(0).expand(count, *v.shape).clone() for k, v in buffers.items()
-        }
-        # hvp="auto" switches to forward-over-reverse under vmap (see functional.make_hvp).
         one_task = self._task_function(loss_fn, outer_loss_fn)
-        batched = torch.func.vmap(
-            one_task,
-            in_dims=(task_in_dims(support), task_in_dims(query), 0, 0),
-            randomness="error",
-        )
-        result: TaskGradient = batched(support, query, task_buffers, task_theta)
-        return result
+        return vmap_over_tasks(one_task, support, query, theta, buffers, count)
 
     def _solve_tasks_loop(
         self, loss_fn: LossFn, support: Any, query: Any, outer_loss_fn: LossFn | None, count: int
     ) -> TaskGradient:
         theta, _, buffers = self._split_checked()
         one_task = self._task_function(loss_fn, outer_loss_fn)
-        tasks = [
-            one_task(select_task(support, t), select_task(query, t), buffers, theta)
-            for t in range(count)
-        ]
-        stacked: TaskGradient = pytree.tree_map(lambda *xs: torch.stack(xs), *tasks)
-        return stacked
+        return loop_over_tasks(one_task, support, query, theta, buffers, count)
 
     def _precheck(
         self, loss_fn: LossFn, outer_loss_fn: LossFn | None, support: Any, query: Any
@@ -700,18 +493,21 @@ class ImplicitMetaOptimizer:
             theta
         )
 
-    def adapt(self, loss_fn: LossFn, support: Any) -> nn.Module:
-        """A copy of the model at the parameters adapted to ``support``, for evaluation.
+    def adapt(self, loss_fn: LossFn, support: Any) -> AdaptedModel:
+        """The model at the parameters adapted to ``support``, for evaluation.
 
-        The copy is independent of the model (a deep copy with the adapted parameters loaded);
-        the model itself is unchanged.
+        The inner solve of meta-training (this optimizer's solver, steps, learning rate and
+        ``reg``) without a meta-gradient. The result calls the model at ``phi*`` without
+        copying it (:class:`~implicit_meta.AdaptedModel`; ``.to_module()`` gives an
+        independent copy) and reports how well the inner problem was solved; the model itself
+        is unchanged. :func:`implicit_meta.adapt` does the same without an optimizer.
 
         Args:
             loss_fn: ``loss_fn(module, batch) -> scalar tensor``.
             support: The task's support batch.
 
         Returns:
-            A callable ``nn.Module`` at ``phi*``, in the model's current train/eval mode.
+            The adapted model, callable like the model, in its current train/eval mode.
 
         Raises:
             ValueError: For an empty batch, a loss that is not a scalar, a model and batch of
@@ -724,18 +520,15 @@ class ImplicitMetaOptimizer:
             >>> meta = im.ImplicitMetaOptimizer(model, torch.optim.SGD(model.parameters(), 0.1))
             >>> batch = (torch.randn(8, 2), torch.randn(8, 1))
             >>> adapted = meta.adapt(lambda m, b: F.mse_loss(m(b[0]), b[1]), batch)
-            >>> adapted(batch[0]).shape
-            torch.Size([8, 1])
+            >>> adapted(batch[0]).shape, adapted.stationarity.shape
+            (torch.Size([8, 1]), torch.Size([]))
         """
-        if not callable(loss_fn):
-            raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
-        check_batch(support, "support")
-        theta, frozen, buffers = self._split_checked()
-        inner_loss = functional_loss(self.model, loss_fn, support, frozen, buffers, "loss_fn")
-        with _naming_dtype_errors(theta, support, None):
-            phi = solve_inner(
-                inner_loss,
-                theta,
+        theta, _, _ = self._split_checked()
+        with naming_dtype_errors(theta, support, None):
+            return adapt_with_solver(
+                self.model,
+                loss_fn,
+                support,
                 self._solver,
                 reg=self.adjoint.reg,
                 steps=self.inner_steps,
@@ -743,18 +536,6 @@ class ImplicitMetaOptimizer:
                 solver_options=self.inner_options,
                 compile_objective=self.compile_inner,
             )
-        value = inner_loss(phi)
-        if not bool(torch.isfinite(value)):
-            raise ValueError(
-                f"the inner loss is not finite ({float(value)}) at the adapted parameters"
-            )
-        adapted = copy.deepcopy(self.model)
-        with torch.no_grad():
-            for name, param in adapted.named_parameters():
-                if name in phi:
-                    param.copy_(phi[name])
-                param.grad = None
-        return adapted
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear the gradients of the model's trainable parameters and the outer optimizer's.
@@ -815,17 +596,8 @@ class ImplicitMetaOptimizer:
             state_dict
         ):
             raise ValueError("state_dict must hold 'outer_optimizer' and 'settings'")
-        raw = dict(state_dict["settings"])
-        if "adjoint" not in raw:
-            # Settings saved before the adjoint existed keep its fields at the top level.
-            missing = {"reg", "inner_steps", "inner_lr", "cg_steps", "cg_tol", "hvp"} - set(raw)
-            if missing:
-                raise ValueError(f"state_dict settings lack {sorted(missing)}")
-            raw["adjoint"] = {k: raw.pop(k) for k in ("reg", "cg_steps", "cg_tol", "hvp")}
-        missing = {"inner_steps", "inner_lr"} - set(raw)
-        if missing:
-            raise ValueError(f"state_dict settings lack {sorted(missing)}")
-        settings = _validated_settings(raw)
+        raw = saved_settings(state_dict["settings"])
+        settings = validated_settings(raw)
         current = self.adjoint.curvature
         adjoint = ImplicitAdjoint.from_dict(
             raw["adjoint"], curvature=None if isinstance(current, str) else current
@@ -833,11 +605,8 @@ class ImplicitMetaOptimizer:
         inner_name = raw.get("inner")
         solver, name = (self._solver, self._inner_name)
         if inner_name is not None:
-            solver, name = _resolve_inner(str(inner_name))
-        _check_inner_stability(
-            solver, name, settings["inner_lr"], adjoint.reg, settings["inner_options"]
-        )
-        _check_inner_options(solver, name, settings["inner_lr"], settings["inner_options"])
+            solver, name = resolve_inner_solver(str(inner_name))
+        check_inner_solver(solver, name, settings, adjoint.reg)
         # Loading the optimizer can still fail (mismatched groups); it validates before writing.
         backup = copy.deepcopy(self.outer_optimizer.state_dict())
         try:

@@ -9,8 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from implicit_meta.data import cache_dir
-from implicit_meta.data._cache import cached_arrays
+from implicit_meta.data._cache import cache_dir, cached_arrays
 
 
 def test_cache_dir_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -38,7 +37,12 @@ def test_build_once_then_read(tmp_path: Path) -> None:
     np.testing.assert_array_equal(second["a"], np.arange(5))
     assert second["names"].tolist() == ["x", "yy"] and first["a"].dtype == second["a"].dtype
     assert [p.name for p in tmp_path.iterdir()] == ["t.npz"]  # no temporary file left over
-    assert stat.S_IMODE((tmp_path / "t.npz").stat().st_mode) == 0o644
+    # Readable like any other file the user creates (not the 0600 of tempfile.mkstemp).
+    reference = tmp_path.parent / f"{tmp_path.name}-reference"
+    reference.write_bytes(b"")
+    assert stat.S_IMODE((tmp_path / "t.npz").stat().st_mode) == stat.S_IMODE(
+        reference.stat().st_mode
+    )
     cached_arrays("t.npz", build, directory=tmp_path, enabled=False)
     assert len(calls) == 2
 

@@ -18,9 +18,13 @@ from implicit_meta.distributed import (
     DistributedContext,
     average_gradients,
     broadcast_parameters,
+    check_meta_batch_divides,
     init_distributed,
     shard_tasks,
 )
+from implicit_meta.fewshot.config import TrainConfig
+from implicit_meta.fewshot.device import DeviceUnavailableError, resolve_device
+from implicit_meta.fewshot.trainer import check_world_size
 
 TASKS = 4
 
@@ -102,8 +106,21 @@ def test_two_ranks_match_each_other_and_a_single_process() -> None:
 
 def test_meta_batch_must_divide_across_ranks() -> None:
     context = DistributedContext(rank=0, world_size=3, local_rank=0, device=torch.device("cpu"))
-    with pytest.raises(ValueError, match="does not divide across 3 ranks"):
+    with pytest.raises(ValueError, match=r"does not divide across 3 processes.*e\.g\. 6"):
         shard_tasks(_tasks()[0], context)
+
+
+def test_one_divisibility_check_for_the_trainer_and_the_shards() -> None:
+    context = DistributedContext(rank=0, world_size=3, local_rank=0, device=torch.device("cpu"))
+    with pytest.raises(ValueError) as sharded:
+        shard_tasks(_tasks()[0], context)
+    with pytest.raises(ValueError) as checked:
+        check_world_size(TrainConfig(meta_batch=TASKS), 3)
+    # The same sentence; only the name of the setting differs (the trainer's is the CLI flag).
+    assert str(checked.value) == str(sharded.value).replace("a meta-batch", "a --meta-batch")
+    check_meta_batch_divides(6, 3)
+    with pytest.raises(ValueError, match="positive"):
+        check_meta_batch_divides(4, 0)
 
 
 def test_shards_cover_the_batch_without_overlap() -> None:
@@ -121,3 +138,44 @@ def test_single_process_context_without_torchrun() -> None:
     assert (context.rank, context.world_size, context.enabled) == (0, 1, False)
     with pytest.raises(ValueError, match="device must be"):
         init_distributed("tpu")
+
+
+def _without_torchrun(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+
+
+def test_cuda_without_cuda_is_the_same_error_from_both_entry_points(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # CUDA is hidden, so this runs (and checks the same thing) on a GPU machine too.
+    _without_torchrun(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(DeviceUnavailableError) as direct:
+        resolve_device("cuda")
+    with pytest.raises(DeviceUnavailableError) as launched:
+        init_distributed("cuda")
+    assert str(direct.value) == str(launched.value)
+    assert "--device cuda was requested but CUDA is not available" in str(direct.value)
+    assert f"torch {torch.__version__}" in str(direct.value)
+    assert resolve_device("auto") == init_distributed("auto").device == torch.device("cpu")
+
+
+def test_a_local_rank_without_its_gpu_is_a_device_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    _without_torchrun(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    with pytest.raises(DeviceUnavailableError, match="local rank 2 needs GPU 2, but only 1"):
+        init_distributed("cuda")
+    with pytest.raises(DeviceUnavailableError, match="only 1 CUDA device"):
+        resolve_device("cuda:1")
+    assert resolve_device("cuda", local_rank=0) == torch.device("cuda", 0)
+
+
+def test_a_rank_refuses_an_explicit_gpu_index(monkeypatch: pytest.MonkeyPatch) -> None:
+    _without_torchrun(monkeypatch)
+    with pytest.raises(ValueError, match="device must be 'auto', 'cpu' or 'cuda'"):
+        init_distributed("cuda:0")
+    with pytest.raises(ValueError, match="unknown device 'cuda:x'"):
+        resolve_device("cuda:x")

@@ -342,7 +342,7 @@ def test_forward_over_reverse_fallback_says_the_result_is_exact() -> None:
     x = torch.randn(3, 5, 1, dtype=torch.float64)
     batch = (x, torch.sin(x))
     meta = im.ImplicitMetaOptimizer(
-        model, torch.optim.SGD(model.parameters(), lr=0.1), inner_lr=0.01
+        model, torch.optim.SGD(model.parameters(), lr=0.1), inner_lr=0.01, cg_steps=5
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

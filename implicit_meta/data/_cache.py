@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import warnings
 import zipfile
 from collections.abc import Callable, Iterable, Mapping
@@ -18,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
+
+from implicit_meta._atomic import atomic_write
 
 __all__ = ["cache_dir", "cached_arrays", "fingerprint_files", "hash_bytes"]
 
@@ -89,9 +90,7 @@ def fingerprint_files(paths: Iterable[Path], root: Path) -> str:
         FileNotFoundError: If a file vanished while being listed.
 
     Example:
-        >>> import tempfile
-        >>> d = Path(tempfile.mkdtemp())
-        >>> len(fingerprint_files([], d))
+        >>> len(fingerprint_files([], Path(".")))
         64
     """
     lines = []
@@ -115,27 +114,14 @@ def _read(path: Path) -> Arrays | None:
 
 def _write(path: Path, arrays: Mapping[str, npt.NDArray[np.generic]]) -> None:
     """Write ``arrays`` to ``path`` atomically; warn instead of failing."""
-    tmp_name: str | None = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        # Write to a temporary file in the same folder, then rename: a reader (another process,
-        # or a run killed half-way) sees either no file or a complete one, never a torn write.
-        with tempfile.NamedTemporaryFile(
-            dir=path.parent, prefix=path.name + ".", suffix=".tmp", delete=False
-        ) as handle:
-            tmp_name = handle.name
+        # A reader (another process, or a run killed half-way) sees either no file or a
+        # complete one, never a torn write.
+        with atomic_write(path) as handle:
             np.savez(handle, **arrays)  # type: ignore[arg-type]
-            handle.flush()
-            os.fsync(handle.fileno())
-        # NamedTemporaryFile creates 0600; a cache is ordinary data, readable like other files.
-        os.chmod(tmp_name, 0o644)
-        os.replace(tmp_name, path)
-        tmp_name = None
     except OSError as err:
         warnings.warn(f"could not write cache file {path}: {err}", stacklevel=3)
-    finally:
-        if tmp_name is not None:
-            Path(tmp_name).unlink(missing_ok=True)
 
 
 def cached_arrays(
@@ -162,8 +148,8 @@ def cached_arrays(
 
     Example:
         >>> import tempfile
-        >>> d = tempfile.mkdtemp()
-        >>> arrays = cached_arrays("x.npz", lambda: {"a": np.arange(3)}, directory=d)
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     arrays = cached_arrays("x.npz", lambda: {"a": np.arange(3)}, directory=d)
         >>> arrays["a"].tolist()
         [0, 1, 2]
     """

@@ -85,7 +85,7 @@ class MiniImageNetSplits:
         test: 20 classes for meta-testing.
 
     Example:
-        >>> import pickle, tempfile, numpy as np
+        >>> import pickle, shutil, tempfile, numpy as np
         >>> root = tempfile.mkdtemp()  # a tiny copy in the pickle form: 2 classes x 3 images
         >>> for name in ("train", "validation", "test"):
         ...     data = {"image_data": np.zeros((6, 84, 84, 3), np.uint8),
@@ -96,6 +96,7 @@ class MiniImageNetSplits:
         >>> splits = load_mini_imagenet(root, use_cache=False)
         >>> splits.train.images.shape  # the real data: [64, 600, 3, 84, 84]
         torch.Size([2, 3, 3, 84, 84])
+        >>> shutil.rmtree(root)
     """
 
     train: FewShotDataset
@@ -285,7 +286,7 @@ def load_mini_imagenet_split(
         implicit_meta.data.UnsafePickleError: If the pickle references a forbidden global.
 
     Example:
-        >>> import pickle, tempfile, numpy as np
+        >>> import pickle, shutil, tempfile, numpy as np
         >>> root = tempfile.mkdtemp()  # a tiny copy in the pickle form: 2 classes x 3 images
         >>> for name in ("train", "validation", "test"):
         ...     data = {"image_data": np.zeros((6, 84, 84, 3), np.uint8),
@@ -296,6 +297,7 @@ def load_mini_imagenet_split(
         >>> test = load_mini_imagenet_split(root, "test", use_cache=False)
         >>> test.num_classes, test.images_per_class  # the real data: (20, 600)
         (2, 3)
+        >>> shutil.rmtree(root)
     """
     split = "val" if split == "validation" else split
     if split not in MINI_IMAGENET_CLASSES:
@@ -340,7 +342,7 @@ def load_mini_imagenet(
         ValueError: On malformed files, or (``strict``) non-standard splits.
 
     Example:
-        >>> import pickle, tempfile, numpy as np
+        >>> import pickle, shutil, tempfile, numpy as np
         >>> root = tempfile.mkdtemp()  # a tiny copy in the pickle form: 2 classes x 3 images
         >>> for name in ("train", "validation", "test"):
         ...     data = {"image_data": np.zeros((6, 84, 84, 3), np.uint8),
@@ -355,6 +357,7 @@ def load_mini_imagenet(
         ... except ValueError:
         ...     print("not the standard split")
         not the standard split
+        >>> shutil.rmtree(root)
     """
 
     def one(split: str) -> FewShotDataset:

@@ -119,7 +119,8 @@ class OmniglotFolder:
 
     Example:
         >>> import tempfile
-        >>> OmniglotFolder("images_background", Path(tempfile.mkdtemp())).character_ids
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     OmniglotFolder("images_background", Path(d)).character_ids
         ()
     """
 
@@ -171,9 +172,10 @@ class OmniglotZip:
 
     Example:
         >>> import tempfile
-        >>> z = Path(tempfile.mkdtemp()) / "images_background.zip"
-        >>> zipfile.ZipFile(z, "w").close()
-        >>> OmniglotZip("images_background", z).character_ids
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     z = Path(d) / "images_background.zip"
+        ...     zipfile.ZipFile(z, "w").close()
+        ...     OmniglotZip("images_background", z).character_ids
         ()
     """
 
@@ -279,9 +281,9 @@ def find_omniglot_source(root: str | os.PathLike[str]) -> OmniglotSource:
 
     Example:
         >>> import tempfile
-        >>> d = Path(tempfile.mkdtemp())
-        >>> (d / "omniglot-py" / "images_background").mkdir(parents=True)
-        >>> find_omniglot_source(d).character_ids
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     (Path(d) / "omniglot-py" / "images_background").mkdir(parents=True)
+        ...     find_omniglot_source(d).character_ids
         ()
     """
     root_path = Path(root).expanduser()

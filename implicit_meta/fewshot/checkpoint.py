@@ -8,17 +8,17 @@ tensor or a plain Python value, so loading never needs to unpickle arbitrary obj
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import sys
-import tempfile
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from implicit_meta._atomic import atomic_write
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -90,17 +90,6 @@ def decode_json_tensor(tensor: torch.Tensor) -> Any:
         raise CheckpointError(f"corrupt JSON state in checkpoint: {error}") from error
 
 
-def _fsync_directory(directory: Path) -> None:
-    # Makes the rename itself durable; directories cannot be opened on Windows, hence the guard.
-    if os.name != "posix":
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _canonical(value: Any) -> Any:
     """``value`` rebuilt with interned strings and fresh containers, tensors shared as given.
 
@@ -142,26 +131,14 @@ def save_checkpoint(state: Mapping[str, Any], path: str | os.PathLike[str]) -> P
 
     Example:
         >>> import tempfile, pathlib
-        >>> folder = pathlib.Path(tempfile.mkdtemp())
-        >>> save_checkpoint({"step": 1}, folder / "checkpoint.pt").name
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     save_checkpoint({"step": 1}, pathlib.Path(folder) / "checkpoint.pt").name
         'checkpoint.pt'
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(_canonical(dict(state)), handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        # KeyboardInterrupt included: never leave a half-written temp file behind.
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    _fsync_directory(target.parent)
+    with atomic_write(target) as handle:
+        torch.save(_canonical(dict(state)), handle)
     return target
 
 
@@ -189,9 +166,9 @@ def load_checkpoint(
         >>> config = TrainConfig(backbone="conv4-8", ways=3, shots=1, queries=2,
         ...                      inner_steps=2, cg_steps=2, meta_batch=2, meta_steps=2,
         ...                      eval_episodes=4, val_episodes=0, threads=1, device="cpu")
-        >>> out = tempfile.mkdtemp()
-        >>> result = train(config, out, progress=False)
-        >>> state = load_checkpoint(f"{out}/checkpoint.pt")
+        >>> with tempfile.TemporaryDirectory() as out:
+        ...     result = train(config, out, progress=False)
+        ...     state = load_checkpoint(f"{out}/checkpoint.pt")
         >>> state["step"]
         2
     """

@@ -6,6 +6,11 @@ import os
 
 import torch
 
+# The resolver lives in the core package, which the distributed launch uses too; it is
+# re-exported here, where the few-shot code and its users have always found it.
+from implicit_meta._device import DeviceUnavailableError as DeviceUnavailableError
+from implicit_meta._device import resolve_device as resolve_device
+
 __all__ = [
     "DeviceUnavailableError",
     "available_cpus",
@@ -13,55 +18,6 @@ __all__ = [
     "configure_threads",
     "resolve_device",
 ]
-
-
-class DeviceUnavailableError(RuntimeError):
-    """The requested device does not exist on this machine; the message says why.
-
-    Example:
-        >>> issubclass(DeviceUnavailableError, RuntimeError)
-        True
-    """
-
-
-def resolve_device(spec: str) -> torch.device:
-    """The device for ``"auto"``, ``"cpu"`` or ``"cuda"`` (``"cuda:<i>"`` also accepted).
-
-    Args:
-        spec: ``"auto"`` picks CUDA when ``torch.cuda.is_available()``, else the CPU.
-
-    Returns:
-        The device.
-
-    Raises:
-        DeviceUnavailableError: If CUDA is requested but not available; the message names the
-            installed torch build so a CPU-only wheel is easy to recognise.
-        ValueError: If ``spec`` is not a known device.
-
-    Example:
-        >>> resolve_device("cpu")
-        device(type='cpu')
-    """
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if spec == "cpu":
-        return torch.device("cpu")
-    if spec == "cuda" or spec.startswith("cuda:"):
-        if not torch.cuda.is_available():
-            build = torch.version.cuda or "CPU-only"
-            raise DeviceUnavailableError(
-                f"--device {spec} was requested but CUDA is not available "
-                f"(torch {torch.__version__}, CUDA build: {build}); "
-                "use --device cpu or --device auto"
-            )
-        device = torch.device(spec)
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise DeviceUnavailableError(
-                f"--device {spec} was requested but only {torch.cuda.device_count()} "
-                "CUDA device(s) are visible"
-            )
-        return device
-    raise ValueError(f"unknown device {spec!r}; use auto, cpu or cuda")
 
 
 def available_cpus() -> int:

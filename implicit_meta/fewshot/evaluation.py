@@ -10,7 +10,7 @@ import torch
 from tqdm.auto import tqdm  # type: ignore[import-untyped,unused-ignore]
 
 from implicit_meta.data import EpisodeSampler
-from implicit_meta.fewshot.tasks import accuracy, cross_entropy
+from implicit_meta.fewshot.losses import accuracy, cross_entropy
 from implicit_meta.optimizer import ImplicitMetaOptimizer
 
 __all__ = ["EvaluationResult", "confidence_interval", "episode_accuracies", "evaluate_episodes"]
@@ -124,7 +124,7 @@ def episode_accuracies(
 
     Each task is adapted with :meth:`ImplicitMetaOptimizer.adapt` (the meta-optimizer's inner
     solver and settings, cross-entropy on the support set) and its query set is classified by
-    the adapted copy. The model is kept in train mode throughout, so BatchNorm normalises the
+    the model at the adapted parameters (no copy of the model is made). The model is kept in train mode throughout, so BatchNorm normalises the
     support and the query set each by its own batch statistics, as during meta-training (the
     transductive MAML/iMAML protocol); the meta-model itself is not changed.
 

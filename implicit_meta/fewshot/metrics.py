@@ -9,6 +9,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from implicit_meta._atomic import atomic_write_text
+
 __all__ = ["MetricsLog", "read_metrics"]
 
 
@@ -56,9 +58,10 @@ class MetricsLog:
 
     Example:
         >>> import tempfile, pathlib
-        >>> log = MetricsLog(pathlib.Path(tempfile.mkdtemp()) / "metrics.jsonl")
-        >>> log.append({"step": 1, "outer_loss": 0.5})
-        >>> read_metrics(log.path)
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     log = MetricsLog(pathlib.Path(folder) / "metrics.jsonl")
+        ...     log.append({"step": 1, "outer_loss": 0.5})
+        ...     read_metrics(log.path)
         [{'step': 1, 'outer_loss': 0.5}]
     """
 
@@ -86,9 +89,4 @@ class MetricsLog:
             step: The checkpoint's step.
         """
         records = [r for r in read_metrics(self.path) if int(r.get("step", 0)) <= step]
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(
-            "".join(json.dumps(r) + "\n" for r in records),
-            encoding="utf-8",
-        )
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in records))

@@ -12,6 +12,8 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from implicit_meta._atomic import atomic_write
+
 __all__ = ["curves_figure", "plot_curves"]
 
 
@@ -138,8 +140,9 @@ def plot_curves(
 
     Example:
         >>> import tempfile, pathlib
-        >>> out = pathlib.Path(tempfile.mkdtemp()) / "curves.png"
-        >>> plot_curves([{"step": 1, "outer_loss": 1.2, "query_accuracy": 0.4}], out).suffix
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     out = pathlib.Path(folder) / "curves.png"
+        ...     plot_curves([{"step": 1, "outer_loss": 1.2, "query_accuracy": 0.4}], out).suffix
         '.png'
     """
     figure = curves_figure(
@@ -150,7 +153,6 @@ def plot_curves(
     )
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp")
-    figure.savefig(tmp, format="png", dpi=100)
-    os.replace(tmp, target)
+    with atomic_write(target) as handle:
+        figure.savefig(handle, format="png", dpi=100)
     return target

@@ -1,4 +1,4 @@
-"""Checks of plain numeric settings, shared by the adjoint and the meta-optimizer."""
+"""Checks of plain numeric and boolean settings, shared by the adjoint and the meta-optimizer."""
 
 from __future__ import annotations
 
@@ -37,3 +37,16 @@ def check_real(value: object, name: str, *, positive: bool) -> float:
     if not positive and number < 0:
         raise ValueError(f"{name} must be non-negative, got {number}")
     return number
+
+
+def check_bool(value: object, name: str) -> bool:
+    """``value`` if it is ``True`` or ``False``, or an error that names ``name``.
+
+    Truthy stand-ins (``1``, ``"yes"``) are refused: a flag set by mistake should fail loudly.
+
+    Raises:
+        TypeError: If ``value`` is not a ``bool``.
+    """
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value

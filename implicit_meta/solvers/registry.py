@@ -1,17 +1,21 @@
-"""The inner-solver registry: ``@inner_solver("name")`` and lookups by name.
+"""The inner-solver registry: ``@inner_solver("name")``, lookups by name, and capabilities.
 
 Like timm's ``@register_model``, the decorator records a plain function and returns it unchanged,
-so a solver stays an ordinary, testable function.
+so a solver stays an ordinary, testable function. What a solver can do beyond its signature
+(whether it runs under ``torch.func.vmap``) is recorded beside it, not on it.
 """
 
 from __future__ import annotations
 
 import inspect
+import weakref
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from torch import Tensor
 
+from implicit_meta.functional._checks import check_bool
 from implicit_meta.functional._tree import Params
 
 Objective = Callable[[Params], Tensor]
@@ -26,9 +30,10 @@ class InnerSolver(Protocol):
     the meta-parameters. The solver returns a dict with the same keys and shapes.
 
     A solver that cannot run under ``torch.func.vmap`` (it syncs with the host or mutates
-    tensors) may carry an attribute ``vmap_unsupported`` holding the reason as a string;
+    tensors) says so in the registry, ``@inner_solver(name, vmappable=False, reason=...)`` (or
+    :func:`declare_solver` for one not registered by name);
     :meth:`ImplicitMetaOptimizer.meta_backward_batch` then loops over tasks without trying vmap.
-    Without it, vmap is tried and a failure falls back to the loop with a warning.
+    Otherwise vmap is tried and a failure falls back to the loop with a warning.
 
     The options a solver accepts (``inner_options``) are read from its signature: the keyword
     parameters beside ``steps`` and ``lr`` (see :func:`check_solver_options`). A solver that
@@ -54,21 +59,55 @@ class InnerSolver(Protocol):
 
 SolverT = TypeVar("SolverT", bound=Callable[..., Params])
 
+
+@dataclass(frozen=True)
+class _SolverSpec:
+    """What the registry knows of a solver beyond its signature."""
+
+    vmappable: bool = True
+    reason: str | None = None  # why it cannot be vmapped, for the fallback warning
+
+
+def _spec(vmappable: bool, reason: str | None) -> _SolverSpec:
+    # A fallback warning without a reason would leave the user guessing, and a reason on a
+    # vmappable solver would never be shown: both are mistakes worth stopping at registration.
+    if check_bool(vmappable, "vmappable") and reason is not None:
+        raise ValueError("reason= is only for a solver registered with vmappable=False")
+    if not vmappable and not (isinstance(reason, str) and reason):
+        raise ValueError("a solver with vmappable=False needs reason=, a non-empty string")
+    return _SolverSpec(vmappable, reason)
+
+
 _REGISTRY: dict[str, Callable[..., Params]] = {}
+_SPECS: dict[str, _SolverSpec] = {}
+# Specs of solvers built on the fly (torch_optimizer_solver) that are not registered by name;
+# weak keys, so that a solver built per call is not kept alive by its spec.
+_DECLARED: weakref.WeakKeyDictionary[Callable[..., Params], _SolverSpec] = (
+    weakref.WeakKeyDictionary()
+)
 
 
-def inner_solver(name: str, *, overwrite: bool = False) -> Callable[[SolverT], SolverT]:
+def inner_solver(
+    name: str, *, overwrite: bool = False, vmappable: bool = True, reason: str | None = None
+) -> Callable[[SolverT], SolverT]:
     """Register an inner solver under ``name``; the function is returned unchanged.
 
     Args:
         name: Name for ``ImplicitMetaOptimizer(inner=name)``.
         overwrite: Replace an existing registration of the same name instead of raising.
+        vmappable: Whether the solver can run under ``torch.func.vmap``. ``False`` makes
+            :meth:`ImplicitMetaOptimizer.meta_backward_batch` loop over tasks without trying
+            vmap first (see :func:`vmap_unsupported_reason`).
+        reason: Why the solver cannot be vmapped (required with ``vmappable=False``); it is
+            quoted in the warning of a ``strategy="vmap"`` call that falls back to the loop.
 
     Returns:
         A decorator that records the function and returns it as it was.
 
     Raises:
-        ValueError: If ``name`` is empty or already taken (and ``overwrite`` is false).
+        ValueError: If ``name`` is empty or already taken (and ``overwrite`` is false), or
+            ``reason`` is missing with ``vmappable=False`` or given with ``vmappable=True``.
+        TypeError: If ``vmappable`` is not a bool.
 
     Example:
         >>> import torch
@@ -84,6 +123,7 @@ def inner_solver(name: str, *, overwrite: bool = False) -> Callable[[SolverT], S
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"inner solver name must be a non-empty string, got {name!r}")
+    spec = _spec(vmappable, reason)
 
     def register(fn: SolverT) -> SolverT:
         if not callable(fn):
@@ -94,9 +134,72 @@ def inner_solver(name: str, *, overwrite: bool = False) -> Callable[[SolverT], S
                 "pass overwrite=True to replace it"
             )
         _REGISTRY[name] = fn
+        _SPECS[name] = spec
         return fn
 
     return register
+
+
+def declare_solver(
+    solver: SolverT, *, vmappable: bool = True, reason: str | None = None
+) -> SolverT:
+    """Record what a solver that is not registered by name can do; it is returned unchanged.
+
+    :func:`torch_optimizer_solver` declares its solvers this way: they are built on the fly, and
+    a meta-batch should loop over them without trying vmap, registered or not. The declaration
+    belongs to the function object and lasts as long as it does.
+
+    Args:
+        solver: An inner solver (a function, or any callable that takes weak references).
+        vmappable: Whether it can run under ``torch.func.vmap``.
+        reason: Why it cannot (required with ``vmappable=False``).
+
+    Returns:
+        ``solver``, unchanged.
+
+    Raises:
+        ValueError: If ``reason`` is missing with ``vmappable=False`` or given with
+            ``vmappable=True``.
+        TypeError: If ``vmappable`` is not a bool, or ``solver`` takes no weak references.
+
+    Example:
+        >>> def host_sync_gd(objective, params, *, steps, lr):
+        ...     return params
+        >>> _ = declare_solver(host_sync_gd, vmappable=False, reason="it calls .item()")
+        >>> vmap_unsupported_reason(host_sync_gd)
+        'it calls .item()'
+    """
+    _DECLARED[solver] = _spec(vmappable, reason)
+    return solver
+
+
+def vmap_unsupported_reason(solver: Callable[..., Params]) -> str | None:
+    """Why ``solver`` cannot run under ``torch.func.vmap``, or ``None`` if nothing says so.
+
+    The reason comes from :func:`declare_solver` or from a registration with
+    ``vmappable=False``; either is enough. ``None`` means vmap is worth trying, not that it
+    will work: :meth:`ImplicitMetaOptimizer.meta_backward_batch` still falls back to the loop
+    when it fails.
+
+    Args:
+        solver: An inner solver.
+
+    Returns:
+        The reason, or ``None``.
+
+    Example:
+        >>> vmap_unsupported_reason(get_inner_solver("lbfgs"))
+        'lbfgs runs torch.optim.LBFGS, whose line search branches on values on the host'
+        >>> vmap_unsupported_reason(get_inner_solver("sgd")) is None
+        True
+    """
+    try:
+        declared = _DECLARED.get(solver)
+    except TypeError:  # a callable that is unhashable or takes no weak references
+        declared = None
+    specs = [declared] if declared is not None else []
+    specs += [_SPECS[name] for name, fn in _REGISTRY.items() if fn is solver]
+    return next((spec.reason for spec in specs if not spec.vmappable), None)
 
 
 def unregister_inner_solver(name: str) -> None:
@@ -116,6 +219,7 @@ def unregister_inner_solver(name: str) -> None:
     if name not in _REGISTRY:
         raise KeyError(f"no inner solver named {name!r} is registered")
     del _REGISTRY[name]
+    del _SPECS[name]
 
 
 def list_inner_solvers() -> list[str]:

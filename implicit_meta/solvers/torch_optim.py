@@ -1,8 +1,8 @@
-"""Run any ``torch.optim.Optimizer`` subclass as an inner solver, and the ``"lbfgs"`` solver.
+"""Run any ``torch.optim.Optimizer`` subclass as an inner solver, and check its options.
 
 torch.optim optimizers mutate leaf tensors, so the adapter gives them detached copies that
 require grad and drives them with a closure (which LBFGS needs and every optimizer accepts). They
-branch on tensor values on the host, so these solvers are not vmappable.
+branch on tensor values on the host, so these solvers are declared not vmappable.
 """
 
 from __future__ import annotations
@@ -13,9 +13,7 @@ from typing import Any
 import torch
 
 from implicit_meta.functional._tree import Params
-from implicit_meta.solvers.registry import Objective, inner_solver, solver_options
-
-InnerSolverFn = Callable[..., Params]
+from implicit_meta.solvers.registry import Objective, declare_solver, solver_options
 
 
 def _tight_lbfgs_tolerances(params: Params, options: dict[str, Any]) -> dict[str, Any]:
@@ -31,7 +29,7 @@ def _tight_lbfgs_tolerances(params: Params, options: dict[str, Any]) -> dict[str
     return merged
 
 
-def torch_optimizer_solver(optimizer_class: type[torch.optim.Optimizer]) -> InnerSolverFn:
+def torch_optimizer_solver(optimizer_class: type[torch.optim.Optimizer]) -> TorchOptimizerSolver:
     """Wrap a ``torch.optim.Optimizer`` subclass into an inner solver.
 
     The solver creates the optimizer over detached copies of the parameters with ``lr=lr`` and
@@ -52,7 +50,8 @@ def torch_optimizer_solver(optimizer_class: type[torch.optim.Optimizer]) -> Inne
         optimizer_class: A ``torch.optim.Optimizer`` subclass, e.g. ``torch.optim.Adam``.
 
     Returns:
-        An inner solver ``solver(objective, params, *, steps, lr, **options)``.
+        An inner solver ``solver(objective, params, *, steps, lr, **options)``, declared not
+        vmappable (see :func:`vmap_unsupported_reason`).
 
     Raises:
         TypeError: If ``optimizer_class`` is not a ``torch.optim.Optimizer`` subclass.
@@ -65,17 +64,68 @@ def torch_optimizer_solver(optimizer_class: type[torch.optim.Optimizer]) -> Inne
         >>> round(float(w), 6)
         3.0
     """
-    is_class = isinstance(optimizer_class, type)
-    if not (is_class and issubclass(optimizer_class, torch.optim.Optimizer)):
-        raise TypeError(f"expected a torch.optim.Optimizer subclass, got {optimizer_class!r}")
-    # Subclasses take ``lr`` (the base class's signature does not say so).
-    make_optimizer: Callable[..., torch.optim.Optimizer] = optimizer_class
+    return TorchOptimizerSolver(optimizer_class)
 
-    def solve(
-        objective: Objective, params: Params, *, steps: int, lr: float, **options: Any
+
+class TorchOptimizerSolver:
+    """An inner solver that runs a ``torch.optim.Optimizer`` subclass.
+
+    :func:`torch_optimizer_solver` builds it. It is a callable object rather than a closure
+    so that what the meta-optimizer reads from it is declared: ``optimizer_class`` (for
+    checking option values at construction) and ``accepted_options`` (the constructor's
+    keywords, read by :func:`check_solver_options`).
+
+    Args:
+        optimizer_class: A ``torch.optim.Optimizer`` subclass, e.g. ``torch.optim.Adam``.
+
+    Raises:
+        TypeError: If ``optimizer_class`` is not a ``torch.optim.Optimizer`` subclass.
+
+    Example:
+        >>> solve = TorchOptimizerSolver(torch.optim.Adam)
+        >>> solve.__name__, "betas" in solve.accepted_options
+        ('torch_optim_Adam', True)
+    """
+
+    __name__: str
+    __qualname__: str
+
+    def __init__(self, optimizer_class: type[torch.optim.Optimizer]) -> None:
+        is_class = isinstance(optimizer_class, type)
+        if not (is_class and issubclass(optimizer_class, torch.optim.Optimizer)):
+            raise TypeError(f"expected a torch.optim.Optimizer subclass, got {optimizer_class!r}")
+        self.optimizer_class: type[torch.optim.Optimizer] = optimizer_class
+        self.__name__ = f"torch_optim_{optimizer_class.__name__}"
+        self.__qualname__ = self.__name__
+        # The constructor's keywords beside params and lr are the options; read by
+        # check_solver_options (ImplicitMetaOptimizer checks inner_options when it is built).
+        # None (any option) when the signature cannot be read, as for a solver with **options.
+        constructor = solver_options(optimizer_class.__init__)
+        self.accepted_options: tuple[str, ...] | None = (
+            None if constructor is None else constructor[0]
+        )
+        reason = f"torch.optim.{optimizer_class.__name__} mutates tensors and syncs with the host"
+        declare_solver(self, vmappable=False, reason=reason)
+
+    def __call__(
+        self, objective: Objective, params: Params, *, steps: int, lr: float, **options: Any
     ) -> Params:
+        """Run ``steps`` optimizer steps on ``objective`` from detached copies of ``params``.
+
+        Args:
+            objective: Full proximal inner objective.
+            params: Starting point (the meta-parameters).
+            steps: Number of ``optimizer.step(closure)`` calls.
+            lr: The optimizer's learning rate.
+            **options: The optimizer's other constructor arguments.
+
+        Returns:
+            The parameters after the last step, detached.
+        """
+        # Subclasses take ``lr`` (the base class's signature does not say so).
+        make_optimizer: Callable[..., torch.optim.Optimizer] = self.optimizer_class
         leaves = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
-        if issubclass(optimizer_class, torch.optim.LBFGS):
+        if issubclass(self.optimizer_class, torch.optim.LBFGS):
             options = _tight_lbfgs_tolerances(params, options)
         optimizer = make_optimizer(list(leaves.values()), lr=lr, **options)
 
@@ -93,74 +143,8 @@ def torch_optimizer_solver(optimizer_class: type[torch.optim.Optimizer]) -> Inne
                 optimizer.step(closure)
         return {k: v.detach() for k, v in leaves.items()}
 
-    solve.__name__ = f"torch_optim_{optimizer_class.__name__}"
-    solve.__qualname__ = solve.__name__
-    # The constructor's keywords beside params and lr are the options; read by
-    # check_solver_options (ImplicitMetaOptimizer checks inner_options when it is built).
-    constructor = solver_options(optimizer_class.__init__)
-    if constructor is not None:
-        solve.accepted_options = constructor[0]  # type: ignore[attr-defined]
-    solve.optimizer_class = optimizer_class  # type: ignore[attr-defined]
-    # Read by ImplicitMetaOptimizer.meta_backward_batch to fall back to a loop up front.
-    solve.vmap_unsupported = (  # type: ignore[attr-defined]
-        f"torch.optim.{optimizer_class.__name__} mutates tensors and syncs with the host"
-    )
-    return solve
-
-
-@inner_solver("lbfgs")
-def lbfgs(
-    objective: Objective,
-    params: Params,
-    *,
-    steps: int,
-    lr: float,
-    history_size: int = 100,
-    line_search_fn: str | None = "strong_wolfe",
-    tolerance_grad: float | None = None,
-    tolerance_change: float | None = None,
-) -> Params:
-    """L-BFGS with a strong-Wolfe line search (``torch.optim.LBFGS``), ``steps`` iterations.
-
-    Args:
-        objective: Full proximal inner objective.
-        params: Starting point (the meta-parameters).
-        steps: Maximum number of L-BFGS iterations (``max_iter``).
-        lr: Initial step length of each line search; ``1.0`` suits L-BFGS.
-        history_size: Number of curvature pairs kept.
-        line_search_fn: ``"strong_wolfe"`` or ``None`` (fixed step ``lr``).
-        tolerance_grad: Stop when the largest gradient entry is below this; default
-            ``10 * eps`` of the dtype (torch's own 1e-7 stops too early in float64).
-        tolerance_change: Stop when the loss or the step changes less than this; default ``0``
-            (a loss change below ``eps`` comes long before the gradient is small).
-
-    Returns:
-        The parameters after at most ``steps`` iterations.
-
-    Example:
-        >>> import torch
-        >>> f = lambda p: 0.5 * ((p["w"] - 3.0) ** 2).sum()
-        >>> lbfgs(f, {"w": torch.zeros(2, dtype=torch.float64)}, steps=10, lr=1.0)["w"]
-        tensor([3., 3.], dtype=torch.float64)
-    """
-    if steps == 0:
-        return dict(params)
-    options: dict[str, Any] = {
-        "max_iter": steps,
-        "history_size": history_size,
-        "line_search_fn": line_search_fn,
-    }
-    if tolerance_grad is not None:
-        options["tolerance_grad"] = tolerance_grad
-    if tolerance_change is not None:
-        options["tolerance_change"] = tolerance_change
-    solve = torch_optimizer_solver(torch.optim.LBFGS)
-    return solve(objective, params, steps=1, lr=lr, **options)
-
-
-lbfgs.vmap_unsupported = (  # type: ignore[attr-defined]
-    "lbfgs runs torch.optim.LBFGS, whose line search branches on values on the host"
-)
+    def __repr__(self) -> str:
+        return f"torch_optimizer_solver(torch.optim.{self.optimizer_class.__name__})"
 
 
 def check_torch_optimizer_options(

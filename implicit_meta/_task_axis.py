@@ -1,4 +1,4 @@
-"""Helpers for batches of tasks: a leading task dimension on every tensor of a batch."""
+"""The leading task axis of a batch of tasks: its size, checks, one task's slice, vmap's in_dims."""
 
 from __future__ import annotations
 

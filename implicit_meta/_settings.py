@@ -1,0 +1,209 @@
+"""Checks of the meta-optimizer's arguments: model and optimizer, inner loop, saved settings.
+
+Everything here runs when an :class:`~implicit_meta.ImplicitMetaOptimizer` is built or loads a
+state dict, so that a bad setting fails there, with a message that names it, rather than at the
+first task. The linear solve's own settings are checked by :class:`ImplicitAdjoint`.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from implicit_meta.functional._checks import check_bool, check_int, check_real
+from implicit_meta.functional._tree import Params
+from implicit_meta.functional.adjoint import ImplicitAdjoint
+from implicit_meta.solvers.first_order import check_momentum, proximal_step_limit, sgd
+from implicit_meta.solvers.registry import check_solver_options
+from implicit_meta.solvers.torch_optim import TorchOptimizerSolver, check_torch_optimizer_options
+
+
+def check_model_and_optimizer(model: object, outer_optimizer: object) -> None:
+    """Refuse a model without trainable parameters, or an optimizer over other tensors.
+
+    Args:
+        model: What was given as the model.
+        outer_optimizer: What was given as the outer optimizer.
+
+    Raises:
+        TypeError: If they are not an ``nn.Module`` and a ``torch.optim.Optimizer``.
+        ValueError: If the model has no trainable parameter, or the optimizer holds a tensor
+            that is not one of the model's parameters (its ``.grad`` would never be set).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(outer_optimizer, torch.optim.Optimizer):
+        raise TypeError(
+            f"outer_optimizer must be a torch.optim.Optimizer, got {type(outer_optimizer).__name__}"
+        )
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError("the model has no trainable parameters (none has requires_grad=True)")
+    model_ids = {id(p) for p in model.parameters()}
+    for group in outer_optimizer.param_groups:
+        for param in group["params"]:
+            if id(param) not in model_ids:
+                raise ValueError(
+                    "outer_optimizer holds a tensor that is not a parameter of the model "
+                    f"(shape {tuple(param.shape)})"
+                )
+
+
+def saved_settings(saved: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings of a state dict, in today's layout, with the keys every layout needs.
+
+    Args:
+        saved: ``state_dict["settings"]`` as :meth:`ImplicitMetaOptimizer.settings` wrote it,
+            now or before the adjoint existed (its fields then sat at the top level).
+
+    Returns:
+        A copy with the adjoint's fields under ``"adjoint"``.
+
+    Raises:
+        ValueError: If a required setting is missing.
+    """
+    raw = dict(saved)
+    if "adjoint" not in raw:
+        # Settings saved before the adjoint existed keep its fields at the top level.
+        missing = {"reg", "inner_steps", "inner_lr", "cg_steps", "cg_tol", "hvp"} - set(raw)
+        if missing:
+            raise ValueError(f"state_dict settings lack {sorted(missing)}")
+        raw["adjoint"] = {k: raw.pop(k) for k in ("reg", "cg_steps", "cg_tol", "hvp")}
+    missing = {"inner_steps", "inner_lr"} - set(raw)
+    if missing:
+        raise ValueError(f"state_dict settings lack {sorted(missing)}")
+    return raw
+
+
+def validated_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The inner-loop settings, checked (the linear solve's live in :class:`ImplicitAdjoint`).
+
+    Args:
+        settings: ``inner_steps``, ``inner_lr``, and optionally ``inner_options`` and
+            ``compile_inner``.
+
+    Returns:
+        The four settings as plain values (``inner_options`` a fresh dict).
+
+    Raises:
+        TypeError: If a setting has the wrong type.
+        ValueError: If ``inner_steps`` is negative or ``inner_lr`` is not positive and finite.
+    """
+    options = settings.get("inner_options")
+    if options is not None and not isinstance(options, Mapping):
+        raise TypeError(f"inner_options must be a dict or None, got {type(options).__name__}")
+    return {
+        "inner_steps": check_int(settings["inner_steps"], "inner_steps", 0),
+        "inner_lr": check_real(settings["inner_lr"], "inner_lr", positive=True),
+        "inner_options": dict(options or {}),
+        "compile_inner": check_bool(settings.get("compile_inner", False), "compile_inner"),
+    }
+
+
+def resolve_adjoint(
+    adjoint: ImplicitAdjoint | None, shorthands: Mapping[str, Any]
+) -> ImplicitAdjoint:
+    """The adjoint from ``adjoint=`` or from the ``reg=``/``cg_steps=``/... shorthands.
+
+    Args:
+        adjoint: The adjoint given, or ``None``.
+        shorthands: The shorthand arguments; those set to ``None`` were not given.
+
+    Returns:
+        ``adjoint``, or one built from the shorthands.
+
+    Raises:
+        TypeError: If ``adjoint`` is not an :class:`ImplicitAdjoint`.
+        ValueError: If both ``adjoint`` and a shorthand are given.
+    """
+    given = {name: value for name, value in shorthands.items() if value is not None}
+    if adjoint is None:
+        return ImplicitAdjoint(**given)
+    if not isinstance(adjoint, ImplicitAdjoint):
+        raise TypeError(f"adjoint must be an ImplicitAdjoint, got {type(adjoint).__name__}")
+    if given:
+        raise ValueError(
+            f"{', '.join(f'{k}=' for k in given)} given beside adjoint=: set them on the adjoint "
+            "instead (adjoint.replace(...))"
+        )
+    return adjoint
+
+
+def check_inner_solver(
+    solver: Callable[..., Params], inner_name: str | None, settings: Mapping[str, Any], reg: float
+) -> None:
+    """Check the solver against the (validated) inner settings: stability, then options.
+
+    Args:
+        solver: The inner solver.
+        inner_name: Its name, if it has one.
+        settings: What :func:`validated_settings` returned.
+        reg: The proximal strength.
+
+    Raises:
+        ValueError: As :func:`check_inner_stability` and :func:`check_inner_options`.
+    """
+    lr, options = settings["inner_lr"], settings["inner_options"]
+    check_inner_stability(solver, inner_name, lr, reg, options)
+    check_inner_options(solver, inner_name, lr, options)
+
+
+def check_inner_options(
+    solver: Callable[..., Params], inner_name: str | None, lr: float, options: dict[str, Any]
+) -> None:
+    """Refuse ``inner_options`` the solver does not take, or values torch.optim rejects.
+
+    Args:
+        solver: The inner solver.
+        inner_name: Its name for the messages, if it has one.
+        lr: The inner learning rate (a torch.optim optimizer is built with it to check values).
+        options: The ``inner_options``.
+
+    Raises:
+        ValueError: If an option is unknown, missing or rejected.
+    """
+    check_solver_options(solver, options, inner_name)
+    if isinstance(solver, TorchOptimizerSolver):
+        check_torch_optimizer_options(solver.optimizer_class, lr, options)
+
+
+def check_inner_stability(
+    solver: Callable[..., Params],
+    inner_name: str | None,
+    lr: float,
+    reg: float,
+    options: Mapping[str, Any],
+) -> None:
+    """Refuse an invalid SGD momentum, or an SGD step that diverges on the proximal term alone.
+
+    The proximal term ``reg/2 ||phi - theta||^2`` alone makes SGD diverge once ``lr * reg``
+    reaches a limit set by the momentum, whatever the task; that is known before any task runs.
+
+    Args:
+        solver: The inner solver (only ``"sgd"`` and ``"torch.optim.SGD"`` are checked).
+        inner_name: Its name, if it has one.
+        lr: The inner learning rate.
+        reg: The proximal strength.
+        options: The ``inner_options`` (``momentum``, ``nesterov``).
+
+    Raises:
+        ValueError: If the momentum is outside ``[0, 1)`` or ``lr * reg`` reaches the limit.
+    """
+    if solver is not sgd and inner_name != "torch.optim.SGD":
+        return
+    momentum, nesterov = options.get("momentum", 0.0), options.get("nesterov", False)
+    if not isinstance(momentum, numbers.Real) or not isinstance(nesterov, bool):
+        return  # the solver reports its own type errors
+    momentum = check_momentum(momentum)
+    limit = proximal_step_limit(momentum, nesterov)
+    if lr * reg >= limit:
+        kind = "Nesterov momentum " if nesterov else ("momentum " if momentum else "")
+        raise ValueError(
+            f"inner_lr * reg = {lr * reg:g} diverges: SGD with {kind}{momentum:g} contracts the "
+            f"proximal term reg/2 ||phi - theta||^2 only for inner_lr * reg < {limit:g}; "
+            f"use inner_lr < {limit / reg:g} at reg={reg:g}"
+        )

@@ -1,0 +1,223 @@
+"""Adapting a model to one task: the inner solve alone, with no outer optimizer and no copy.
+
+At test time a meta-trained model is adapted to each new task and then only evaluated. That
+needs the inner solver and its settings, nothing of the meta-gradient: :func:`adapt` takes
+them directly, and returns an :class:`AdaptedModel` that calls the model at the adapted
+parameters with :func:`torch.func.functional_call`, so no episode deep-copies the model. It
+also says how well the inner problem was solved (its stationarity), which is how far the
+adapted parameters are from the ``phi*`` the theory assumes.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from implicit_meta._module import LossFn, check_batch, functional_loss, split_state
+from implicit_meta._settings import check_inner_solver, validated_settings
+from implicit_meta.functional._checks import check_real
+from implicit_meta.functional._tree import Params, tree_norm
+from implicit_meta.functional.adjoint import stationarity
+from implicit_meta.functional.curvature import _grad_and_value
+from implicit_meta.functional.implicit import _ratio, _start_gradient, solve_inner
+from implicit_meta.solvers.resolve import InnerSpec, resolve_inner_solver
+
+
+@dataclass(frozen=True)
+class AdaptedModel:
+    """A model at the parameters adapted to one task; call it like the model.
+
+    Calling it runs ``model`` at :attr:`params` (and the model's own frozen parameters) with
+    :func:`torch.func.functional_call`: the model is neither copied nor changed, and buffers
+    start from the model's values on every call (BatchNorm updates made in train mode are
+    discarded). The model's current train/eval mode applies.
+
+    Attributes:
+        model: The model adapted (unchanged).
+        params: The adapted trainable parameters ``phi*``, detached, by name.
+        inner_loss: ``L_in(phi*)`` on the support batch (detached).
+        stationarity: ``||grad L_in(phi*) + reg (phi* - theta)||`` (detached), zero at the
+            exact inner optimum.
+        relative_stationarity: ``stationarity / ||grad L_in(theta)||``: well below 1 when the
+            inner problem was solved, near 1 when it was barely started, above 1 when it
+            diverged.
+    """
+
+    model: nn.Module
+    params: Params
+    inner_loss: Tensor
+    stationarity: Tensor
+    relative_stationarity: Tensor
+    _frozen: Params
+    _buffers: Params
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """The model's output at the adapted parameters.
+
+        Args:
+            *args: Positional inputs of the model's ``forward``.
+            **kwargs: Keyword inputs of the model's ``forward``.
+
+        Returns:
+            What the model's ``forward`` returns.
+        """
+        state = {**self.params, **self._frozen}
+        state.update({name: buffer.clone() for name, buffer in self._buffers.items()})
+        return torch.func.functional_call(self.model, state, args, kwargs, strict=False)
+
+    def to_module(self) -> nn.Module:
+        """An independent copy of the model with the adapted parameters loaded.
+
+        For code that needs an ``nn.Module`` of its own (to fine-tune it further, save it, or
+        keep BatchNorm statistics across calls); evaluation needs only :meth:`__call__`.
+
+        Returns:
+            A deep copy of the model at ``phi*``, without gradients.
+        """
+        adapted = copy.deepcopy(self.model)
+        with torch.no_grad():
+            for name, param in adapted.named_parameters():
+                if name in self.params:
+                    param.copy_(self.params[name])
+                param.grad = None
+        return adapted
+
+
+def adapt_with_solver(
+    model: nn.Module,
+    loss_fn: LossFn,
+    support: Any,
+    solver: Callable[..., Params],
+    *,
+    reg: float,
+    steps: int,
+    lr: float,
+    solver_options: Mapping[str, Any] | None = None,
+    compile_objective: bool = False,
+) -> AdaptedModel:
+    """:func:`adapt` with a resolved, checked solver (what the meta-optimizer calls).
+
+    Args:
+        model: The model to adapt (its trainable parameters are ``theta``).
+        loss_fn: ``loss_fn(module, batch) -> scalar tensor``.
+        support: The task's support batch.
+        solver: The inner solver function.
+        reg: Proximal strength.
+        steps: Inner steps.
+        lr: Inner learning rate.
+        solver_options: Extra keyword arguments for the solver.
+        compile_objective: Compile the inner objective (see
+            :func:`~implicit_meta.functional.solve_inner`).
+
+    Returns:
+        The adapted model.
+
+    Raises:
+        ValueError: For an empty batch, a loss that is not a scalar or does not depend on the
+            parameters, or a non-finite inner loss at the adapted parameters.
+        TypeError: If ``loss_fn`` is not callable.
+    """
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+    check_batch(support, "support")
+    theta, frozen, buffers = split_state(model)
+    inner_loss = functional_loss(model, loss_fn, support, frozen, buffers, "loss_fn")
+    # The gradient at theta: the scale of the relative stationarity, and where a loss that
+    # does not depend on the parameters is caught.
+    start = _start_gradient(inner_loss, theta)
+    phi = solve_inner(
+        inner_loss,
+        theta,
+        solver,
+        reg=reg,
+        steps=steps,
+        lr=lr,
+        solver_options=dict(solver_options or {}),
+        compile_objective=compile_objective,
+    )
+    gradient, value = _grad_and_value(inner_loss, phi)
+    if not bool(torch.isfinite(value)):
+        raise ValueError(f"the inner loss is not finite ({float(value)}) at the adapted parameters")
+    distance = stationarity(gradient, phi, theta, reg)
+    return AdaptedModel(
+        model=model,
+        params={name: tensor.detach() for name, tensor in phi.items()},
+        inner_loss=value.detach(),
+        stationarity=distance,
+        relative_stationarity=_ratio(distance, tree_norm(start).detach()),
+        _frozen=frozen,
+        _buffers=buffers,
+    )
+
+
+def adapt(
+    model: nn.Module,
+    loss_fn: LossFn,
+    support: Any,
+    *,
+    reg: float,
+    inner: InnerSpec = "sgd",
+    inner_steps: int = 16,
+    inner_lr: float = 0.1,
+    inner_options: Mapping[str, Any] | None = None,
+) -> AdaptedModel:
+    """Adapt ``model`` to one task's support batch with an inner solver, nothing else.
+
+    Solves ``argmin_phi L_in(phi) + reg/2 ||phi - theta||^2`` from ``theta`` (the model's
+    trainable parameters) as :class:`~implicit_meta.ImplicitMetaOptimizer` does in
+    meta-training, with the same solvers and checks, but without an outer optimizer or a
+    meta-gradient: the test-time half of iMAML. The model is not changed.
+
+    Args:
+        model: The (meta-trained) model.
+        loss_fn: ``loss_fn(module, batch) -> scalar tensor`` on the support batch.
+        support: The task's support batch.
+        reg: Proximal strength ``lambda > 0``, as in meta-training.
+        inner: A registered solver name, a solver function or a ``torch.optim.Optimizer``
+            subclass (see :class:`~implicit_meta.ImplicitMetaOptimizer`).
+        inner_steps: Inner steps.
+        inner_lr: Inner learning rate.
+        inner_options: Extra keyword arguments for the solver.
+
+    Returns:
+        The adapted model, with its stationarity.
+
+    Raises:
+        ValueError: For an invalid setting, an unknown solver or option, an SGD step that
+            diverges on the proximal term, an empty batch, or a non-finite inner loss.
+        TypeError: If an argument has the wrong type.
+
+    Example:
+        >>> import torch, torch.nn.functional as F
+        >>> import implicit_meta as im
+        >>> model = torch.nn.Linear(2, 1)
+        >>> batch = (torch.randn(8, 2), torch.randn(8, 1))
+        >>> mse = lambda m, b: F.mse_loss(m(b[0]), b[1])
+        >>> adapted = im.adapt(model, mse, batch, reg=1.0, inner="lbfgs", inner_steps=50,
+        ...                    inner_lr=1.0)
+        >>> adapted(batch[0]).shape, float(adapted.relative_stationarity) < 1e-3
+        (torch.Size([8, 1]), True)
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    reg = check_real(reg, "reg", positive=True)
+    solver, name = resolve_inner_solver(inner)
+    settings = validated_settings(
+        {"inner_steps": inner_steps, "inner_lr": inner_lr, "inner_options": inner_options}
+    )
+    check_inner_solver(solver, name, settings, reg)
+    return adapt_with_solver(
+        model,
+        loss_fn,
+        support,
+        solver,
+        reg=reg,
+        steps=settings["inner_steps"],
+        lr=settings["inner_lr"],
+        solver_options=settings["inner_options"],
+    )
