@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from implicit_meta.data import UnsafePickleError, safe_load, safe_load_path, safe_loads
+from implicit_meta.data import UnsafePickleError
+from implicit_meta.data.safe_pickle import safe_load, safe_load_path, safe_loads
 
 PROTOCOLS = range(pickle.HIGHEST_PROTOCOL + 1)
 

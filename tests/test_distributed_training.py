@@ -21,9 +21,9 @@ from implicit_meta.fewshot import trainer
 from implicit_meta.fewshot.builders import build_meta_optimizer, build_model
 from implicit_meta.fewshot.checkpoint import decode_json_tensor
 from implicit_meta.fewshot.config import TrainConfig
-from implicit_meta.fewshot.data import FewShotSplits
 from implicit_meta.fewshot.evaluation import episode_accuracies
 from implicit_meta.fewshot.meta_batch import meta_train_step
+from implicit_meta.fewshot.meta_splits import FewShotSplits
 from implicit_meta.optimizer import ImplicitMetaOptimizer
 
 pytestmark = pytest.mark.filterwarnings("ignore:I \\+ H/reg is not positive definite")

@@ -21,6 +21,7 @@ import pkgutil
 import re
 import subprocess
 import sys
+import tempfile
 import textwrap
 import warnings
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ import pytest
 import torch
 
 import implicit_meta
+from implicit_meta.models import list_backbones, unregister_backbone
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -145,10 +147,12 @@ def test_examples_run(
     page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, docs_cache: Path
 ) -> None:
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # mkdtemp() in an example
     monkeypatch.setenv("IMPLICIT_META_CACHE", str(docs_cache))
     monkeypatch.setenv("MPLBACKEND", "Agg")
     torch.manual_seed(0)
     solvers_before = set(implicit_meta.list_inner_solvers())
+    backbones_before = set(list_backbones())
     threads = torch.get_num_threads()
     namespace: dict[str, object] = {"__name__": "__main__"}
     try:
@@ -158,6 +162,9 @@ def test_examples_run(
         # Examples may register inner solvers or set torch's thread count (process-wide).
         for name in set(implicit_meta.list_inner_solvers()) - solvers_before:
             implicit_meta.unregister_inner_solver(name)
+        for spec in set(list_backbones()) - backbones_before:
+            if not spec.endswith("-<width>"):
+                unregister_backbone(spec)
         torch.set_num_threads(threads)
 
 

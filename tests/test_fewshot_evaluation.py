@@ -16,9 +16,9 @@ from implicit_meta.fewshot import (
     cross_entropy,
     cross_entropy_and_accuracy,
     evaluate_episodes,
-    meta_backward_episodes,
     meta_train_step,
 )
+from implicit_meta.fewshot.meta_batch import meta_backward_episodes
 from implicit_meta.models import Conv4
 
 pytestmark = pytest.mark.filterwarnings("ignore:I \\+ H/reg is not positive definite")

@@ -4,7 +4,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from implicit_meta.fewshot import MetricsLog, plot_curves, read_metrics
+from implicit_meta.fewshot.metrics import MetricsLog, read_metrics
+from implicit_meta.fewshot.plots import plot_curves
 
 
 def test_metrics_log_appends_json_lines(tmp_path: Path) -> None:

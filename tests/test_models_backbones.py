@@ -8,7 +8,15 @@ import torch.nn.functional as F
 from torch import nn
 
 import implicit_meta as im
-from implicit_meta.models import Conv4, build_backbone, conv4_feature_size, list_backbones
+from implicit_meta.fewshot import TrainConfig, build_model
+from implicit_meta.models import (
+    Conv4,
+    build_backbone,
+    conv4_feature_size,
+    list_backbones,
+    register_backbone,
+    unregister_backbone,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -74,6 +82,61 @@ def test_build_backbone_specs() -> None:
         build_backbone("timm:not_a_model_xyz", num_classes=5, in_channels=1, image_size=28)
     with pytest.raises(ValueError, match="timm has no model"):
         build_backbone("timm:", num_classes=5, in_channels=1, image_size=28)
+
+
+def test_a_registered_backbone_builds_from_its_spec_everywhere() -> None:
+    built: list[dict[str, int]] = []
+
+    @register_backbone("mlp_test", takes_width=True)
+    def mlp(*, num_classes: int, in_channels: int, image_size: int, width: int = 4) -> nn.Module:
+        built.append({"width": width, "image_size": image_size, "in_channels": in_channels})
+        return nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(in_channels * image_size**2, width),
+            nn.Linear(width, num_classes),
+        )
+
+    @register_backbone("not_a_module_test")
+    def broken(*, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+        return "oops"  # type: ignore[return-value]
+
+    try:
+        assert list_backbones()[2:] == [
+            "mlp_test",
+            "mlp_test-<width>",
+            "not_a_module_test",
+            "timm:<name>",
+        ]
+        model = build_backbone("mlp_test-7", num_classes=3, in_channels=2, image_size=5)
+        assert model[1].out_features == 7 and model[2].out_features == 3
+        assert (
+            build_backbone("mlp_test", num_classes=3, in_channels=1, image_size=4)[1].out_features
+            == 4
+        )
+        # The few-shot pipeline builds it from the config's spec string.
+        trained = build_model(TrainConfig(backbone="mlp_test-6", ways=4), (1, 28, 28))
+        assert trained[2].out_features == 4 and built[-1] == {
+            "width": 6,
+            "image_size": 28,
+            "in_channels": 1,
+        }
+        with pytest.raises(ValueError, match="unknown backbone 'not_a_module_test-3'"):
+            build_backbone("not_a_module_test-3", num_classes=3, in_channels=1, image_size=4)
+        with pytest.raises(TypeError, match=r"returned str, not a torch\.nn\.Module"):
+            build_backbone("not_a_module_test", num_classes=3, in_channels=1, image_size=4)
+        with pytest.raises(ValueError, match="already registered"):
+            register_backbone("mlp_test")(broken)
+        assert register_backbone("mlp_test", takes_width=True)(mlp) is mlp  # same function: no-op
+    finally:
+        unregister_backbone("mlp_test")
+        unregister_backbone("not_a_module_test")
+    assert list_backbones() == ["conv4", "conv4-<width>", "timm:<name>"]
+    with pytest.raises(ValueError, match=r"register your own with implicit_meta\.models"):
+        build_backbone("mlp_test", num_classes=3, in_channels=1, image_size=4)
+    with pytest.raises(ValueError, match="without ':'"):
+        register_backbone("timm:mine")
+    with pytest.raises(KeyError, match="no backbone named"):
+        unregister_backbone("mlp_test")
 
 
 def test_timm_backbone_is_built_through_timm() -> None:

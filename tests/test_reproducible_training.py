@@ -24,9 +24,9 @@ from implicit_meta.data import EpisodeSampler, FewShotDataset
 from implicit_meta.fewshot import TrainConfig, train
 from implicit_meta.fewshot.builders import build_lr_scheduler, build_meta_optimizer, build_model
 from implicit_meta.fewshot.config import meta_lr_at
-from implicit_meta.fewshot.data import FewShotSplits
 from implicit_meta.fewshot.device import available_cpus, configure_threads
 from implicit_meta.fewshot.evaluation import episode_accuracies
+from implicit_meta.fewshot.meta_splits import FewShotSplits
 from implicit_meta.fewshot.metrics import read_metrics
 
 pytestmark = pytest.mark.filterwarnings("ignore:I \\+ H/reg is not positive definite")
@@ -46,7 +46,7 @@ CHILD = textwrap.dedent(
     from implicit_meta.data import FewShotDataset
     from implicit_meta.fewshot import TrainConfig, train
     from implicit_meta.fewshot import meta_batch, trainer
-    from implicit_meta.fewshot.data import FewShotSplits
+    from implicit_meta.fewshot.meta_splits import FewShotSplits
 
     out, mode, resume, config = sys.argv[1], sys.argv[2], sys.argv[3] == "1", sys.argv[4]
     g = torch.Generator().manual_seed(0)

@@ -11,9 +11,9 @@ from implicit_meta.data import EpisodeSampler
 from implicit_meta.fewshot.builders import build_meta_optimizer, build_model, initial_model
 from implicit_meta.fewshot.checkpoint import CheckpointError, load_checkpoint
 from implicit_meta.fewshot.config import TrainConfig
-from implicit_meta.fewshot.data import load_splits
 from implicit_meta.fewshot.device import configure_threads, resolve_device
 from implicit_meta.fewshot.evaluation import EvaluationResult, evaluate_episodes
+from implicit_meta.fewshot.meta_splits import load_splits
 
 __all__ = ["evaluate_checkpoint", "load_meta_model"]
 
@@ -50,11 +50,11 @@ def load_meta_model(
         >>> config = TrainConfig(backbone="conv4-8", ways=3, shots=1, queries=2,
         ...                      inner_steps=2, cg_steps=2, meta_batch=2, meta_steps=2,
         ...                      eval_episodes=0, val_episodes=0, threads=1, device="cpu")
-        >>> out = tempfile.mkdtemp()
-        >>> _ = train(config, out, progress=False)
+        >>> with tempfile.TemporaryDirectory() as out:
+        ...     _ = train(config, out, progress=False)
+        ...     model, config = load_meta_model(f"{out}/checkpoint.pt")
         >>> import torch, torch.nn.functional as F
-        >>> from implicit_meta.fewshot import build_meta_optimizer, load_meta_model
-        >>> model, config = load_meta_model(f"{out}/checkpoint.pt")
+        >>> from implicit_meta.fewshot import build_meta_optimizer
         >>> meta = build_meta_optimizer(model, config)
         >>> loss = lambda m, batch: F.cross_entropy(m(batch[0]), batch[1])
         >>> support_images, support_labels = torch.rand(3, 1, 28, 28), torch.arange(3)
@@ -108,7 +108,8 @@ def evaluate_checkpoint(
         seed: Seed of the test episodes; default the run's seed (the episodes the training
             run's final evaluation used).
         root: Dataset folder, if it moved since training (default: the stored one).
-        threads: CPU threads for torch (0: see :func:`~implicit_meta.fewshot.configure_threads`).
+        threads: CPU threads for torch (0: see
+            :func:`~implicit_meta.fewshot.device.configure_threads`).
         progress: Show a progress bar on stderr.
         initial: Score the untrained initialisation instead of the meta-parameters.
 
@@ -128,9 +129,9 @@ def evaluate_checkpoint(
         >>> config = TrainConfig(backbone="conv4-8", ways=3, shots=1, queries=2,
         ...                      inner_steps=2, cg_steps=2, meta_batch=2, meta_steps=2,
         ...                      eval_episodes=0, val_episodes=0, threads=1, device="cpu")
-        >>> out = tempfile.mkdtemp()
-        >>> _ = train(config, out, progress=False)
-        >>> result, _ = evaluate_checkpoint(f"{out}/checkpoint.pt", episodes=3, threads=1)
+        >>> with tempfile.TemporaryDirectory() as out:
+        ...     _ = train(config, out, progress=False)
+        ...     result, _ = evaluate_checkpoint(f"{out}/checkpoint.pt", episodes=3, threads=1)
         >>> result.episodes
         3
     """

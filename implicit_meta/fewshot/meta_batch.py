@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from implicit_meta.data import EpisodeBatch
-from implicit_meta.fewshot.tasks import cross_entropy, cross_entropy_and_accuracy
+from implicit_meta.fewshot.losses import cross_entropy, cross_entropy_and_accuracy
 from implicit_meta.functional.cg import CGStatus
 from implicit_meta.optimizer import ImplicitMetaOptimizer
 

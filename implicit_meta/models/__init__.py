@@ -1,4 +1,4 @@
-"""Few-shot backbones: the Conv4 of MAML/iMAML and any timm model, built from a spec string.
+"""Few-shot backbones, built from a spec string: the Conv4 of MAML/iMAML, any timm model, yours.
 
 Example:
     >>> from implicit_meta.models import build_backbone
@@ -8,6 +8,22 @@ Example:
 """
 
 from implicit_meta.models.conv4 import Conv4, conv4_feature_size
-from implicit_meta.models.registry import TIMM_PREFIX, build_backbone, list_backbones
+from implicit_meta.models.registry import (
+    TIMM_PREFIX,
+    BackboneBuilder,
+    build_backbone,
+    list_backbones,
+    register_backbone,
+    unregister_backbone,
+)
 
-__all__ = ["TIMM_PREFIX", "Conv4", "build_backbone", "conv4_feature_size", "list_backbones"]
+__all__ = [
+    "TIMM_PREFIX",
+    "BackboneBuilder",
+    "Conv4",
+    "build_backbone",
+    "conv4_feature_size",
+    "list_backbones",
+    "register_backbone",
+    "unregister_backbone",
+]

@@ -1,4 +1,4 @@
-"""Loading the meta-train and meta-test splits a :class:`TrainConfig` names."""
+"""Loading the meta-train, validation and meta-test splits a :class:`TrainConfig` names."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def load_splits(
     Omniglot is split by ``protocol`` with the 90-degree rotations of meta-train characters as
     extra classes (the MAML/iMAML setting); test and validation characters are not rotated.
     ``val_classes`` characters of the protocol's meta-train set are held out for validation
-    (see :func:`implicit_meta.data.omniglot_character_split`). Mini-ImageNet uses the Ravi &
+    (see :func:`implicit_meta.data.splits.omniglot_character_split`). Mini-ImageNet uses the Ravi &
     Larochelle train, validation and test splits from ``root``. The result is memoised per
     process (it is read-only), so repeated runs in one process load the data once.
 
