@@ -24,6 +24,7 @@ from typing import Any
 import implicit_meta as im
 from implicit_meta.distributed import launch_rank, launch_world_size
 from implicit_meta.fewshot.checkpoint import load_checkpoint
+from implicit_meta.fewshot.checks import check_config
 from implicit_meta.fewshot.config import (
     DATASETS,
     DEVICES,
@@ -35,7 +36,8 @@ from implicit_meta.fewshot.config import (
 from implicit_meta.fewshot.device import DeviceUnavailableError
 from implicit_meta.fewshot.evaluation import EvaluationResult
 from implicit_meta.fewshot.loading import evaluate_checkpoint
-from implicit_meta.fewshot.trainer import BEST_NAME, CHECKPOINT_NAME, check_config, train
+from implicit_meta.fewshot.run_files import BEST_NAME, CHECKPOINT_NAME
+from implicit_meta.fewshot.trainer import train
 from implicit_meta.functional.curvature import CURVATURES
 from implicit_meta.functional.hvp import HVP_MODES
 from implicit_meta.models import list_backbones

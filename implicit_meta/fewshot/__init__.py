@@ -3,8 +3,8 @@
 The pieces behind ``implicit-meta train`` and ``implicit-meta evaluate``, usable from Python.
 This namespace holds what a user calls; the building blocks (file names, choices, schedule,
 device and thread helpers, checks) stay importable from their modules:
-``implicit_meta.fewshot.config``, ``.trainer``, ``.checkpoint``, ``.device``, ``.evaluation``,
-``.meta_batch``, ``.metrics``, ``.builders``.
+``implicit_meta.fewshot.config``, ``.checks``, ``.run_files``, ``.checkpoint``, ``.device``,
+``.evaluation``, ``.meta_batch``, ``.metrics``, ``.builders``.
 
 Example:
     >>> from implicit_meta.fewshot import TrainConfig, confidence_interval

@@ -20,6 +20,7 @@ __all__ = [
     "RESUMABLE_FIELDS",
     "TASK_STRATEGIES",
     "TrainConfig",
+    "check_resumable",
     "meta_lr_at",
 ]
 
@@ -58,7 +59,7 @@ RESUMABLE_FIELDS = frozenset(
 They change how long or where a run goes on, not what it computes: the model, the optimiser,
 the task distribution and the random streams stay those of the checkpoint. ``meta_steps`` is
 resumable only with the constant schedule: under the cosine it sets the schedule's length (see
-:func:`~implicit_meta.fewshot.trainer.check_resumable`).
+:func:`check_resumable`).
 """
 
 
@@ -332,6 +333,44 @@ def meta_lr_at(config: TrainConfig, step: int) -> float:
     progress = min(step, config.meta_steps) / config.meta_steps if config.meta_steps else 1.0
     # Rounded so that exact fractions print cleanly; far below float32 resolution.
     return round(config.meta_lr * 0.5 * (1.0 + math.cos(math.pi * progress)), 15)
+
+
+def check_resumable(saved: TrainConfig, requested: TrainConfig) -> None:
+    """Raise unless resuming ``saved`` as ``requested`` continues the same computation.
+
+    ``requested`` may differ from ``saved`` only in :data:`RESUMABLE_FIELDS`, and in
+    ``meta_steps`` only under the constant schedule: the cosine spans ``meta_steps``, so a
+    different length would change every remaining learning rate.
+
+    Args:
+        saved: The config stored in the checkpoint.
+        requested: The config of the resuming run.
+
+    Raises:
+        ValueError: Naming every field that would change what the run computes, and what to
+            do instead.
+
+    Example:
+        >>> check_resumable(TrainConfig(), TrainConfig(time_budget=60, threads=1))
+        >>> check_resumable(TrainConfig(), TrainConfig(ways=20))
+        Traceback (most recent call last):
+        ...
+        ValueError: cannot resume with a different ways (checkpoint: 5, requested: 20)
+    """
+    old, new = saved.to_dict(), requested.to_dict()
+    changed = [k for k in old if k not in RESUMABLE_FIELDS and old[k] != new[k]]
+    if changed:
+        details = ", ".join(f"{k} (checkpoint: {old[k]!r}, requested: {new[k]!r})" for k in changed)
+        raise ValueError(f"cannot resume with a different {details}")
+    if saved.lr_schedule == "cosine" and saved.meta_steps != requested.meta_steps:
+        raise ValueError(
+            f"cannot resume with meta_steps={requested.meta_steps}: the cosine schedule of "
+            f"this run spans its meta_steps={saved.meta_steps}, and a different length would "
+            "change every remaining learning rate. Resume with the same --meta-steps, or start "
+            f"a new run with --meta-steps {requested.meta_steps} (split it into --time-budget "
+            "chunks with --resume if it is long), or use --lr-schedule constant, whose runs can "
+            "be extended"
+        )
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

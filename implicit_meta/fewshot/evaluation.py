@@ -124,9 +124,10 @@ def episode_accuracies(
 
     Each task is adapted with :meth:`ImplicitMetaOptimizer.adapt` (the meta-optimizer's inner
     solver and settings, cross-entropy on the support set) and its query set is classified by
-    the model at the adapted parameters (no copy of the model is made). The model is kept in train mode throughout, so BatchNorm normalises the
-    support and the query set each by its own batch statistics, as during meta-training (the
-    transductive MAML/iMAML protocol); the meta-model itself is not changed.
+    the model at the adapted parameters (no copy of the model is made). The model is kept in
+    train mode throughout, so BatchNorm normalises the support and the query set each by its
+    own batch statistics, as during meta-training (the transductive MAML/iMAML protocol); the
+    meta-model itself is not changed.
 
     Several ranks each evaluate their share with their own sampler (``rank`` argument) and
     gather the lists; :meth:`EvaluationResult.from_accuracies` then summarises all of them.

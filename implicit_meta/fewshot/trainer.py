@@ -10,14 +10,12 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import Tensor
 from tqdm.auto import tqdm  # type: ignore[import-untyped,unused-ignore]
 
-from implicit_meta import __version__
 from implicit_meta.data import EpisodeSampler, FewShotDataset
 from implicit_meta.distributed import (
     DistributedContext,
-    all_gather_objects,
     all_reduce_mean,
     average_gradients,
     broadcast_object,
@@ -25,29 +23,34 @@ from implicit_meta.distributed import (
     init_distributed,
     launch_world_size,
 )
+from implicit_meta.fewshot._run_evaluation import evaluate, selected_model, validate
+from implicit_meta.fewshot._run_state import Run, metrics_record
 from implicit_meta.fewshot.builders import (
     build_lr_scheduler,
     build_meta_optimizer,
     build_model,
     initial_model,
 )
-from implicit_meta.fewshot.checkpoint import (
-    CHECKPOINT_FORMAT,
-    decode_json_tensor,
-    encode_json_tensor,
-    load_checkpoint,
-    save_checkpoint,
-)
-from implicit_meta.fewshot.config import RESUMABLE_FIELDS, TrainConfig, meta_lr_at
-from implicit_meta.fewshot.data import FewShotSplits, load_splits
+from implicit_meta.fewshot.checkpoint import load_checkpoint
+from implicit_meta.fewshot.checks import check_config, check_world_size
+from implicit_meta.fewshot.config import TrainConfig, check_resumable
 from implicit_meta.fewshot.device import available_cpus, configure_threads, resolve_device
-from implicit_meta.fewshot.evaluation import EvaluationResult, episode_accuracies
-from implicit_meta.fewshot.meta_batch import MetaBatchStats, meta_train_step
+from implicit_meta.fewshot.evaluation import EvaluationResult
+from implicit_meta.fewshot.meta_batch import meta_train_step
+from implicit_meta.fewshot.meta_splits import FewShotSplits, load_splits
 from implicit_meta.fewshot.metrics import MetricsLog, read_metrics
 from implicit_meta.fewshot.plots import plot_curves
-from implicit_meta.models.registry import check_backbone
-from implicit_meta.optimizer import ImplicitMetaOptimizer
+from implicit_meta.fewshot.run_files import (
+    BEST_NAME,
+    CHECKPOINT_NAME,
+    CONFIG_NAME,
+    CURVES_NAME,
+    EVALUATION_NAME,
+    METRICS_NAME,
+)
 
+# The run-file names and the checks live in run_files, checks and config; they stay importable
+# from here, where they were first defined.
 __all__ = [
     "BEST_NAME",
     "CHECKPOINT_NAME",
@@ -60,13 +63,6 @@ __all__ = [
     "check_world_size",
     "train",
 ]
-
-CHECKPOINT_NAME = "checkpoint.pt"
-BEST_NAME = "best.pt"
-METRICS_NAME = "metrics.jsonl"
-CURVES_NAME = "curves.png"
-EVALUATION_NAME = "evaluation.json"
-CONFIG_NAME = "config.json"
 
 
 @dataclass(frozen=True)
@@ -112,198 +108,6 @@ class TrainResult:
     evaluated_step: int | None = None
 
 
-def check_resumable(saved: TrainConfig, requested: TrainConfig) -> None:
-    """Raise unless resuming ``saved`` as ``requested`` continues the same computation.
-
-    ``requested`` may differ from ``saved`` only in :data:`RESUMABLE_FIELDS`, and in
-    ``meta_steps`` only under the constant schedule: the cosine spans ``meta_steps``, so a
-    different length would change every remaining learning rate.
-
-    Args:
-        saved: The config stored in the checkpoint.
-        requested: The config of the resuming run.
-
-    Raises:
-        ValueError: Naming every field that would change what the run computes, and what to
-            do instead.
-
-    Example:
-        >>> check_resumable(TrainConfig(), TrainConfig(time_budget=60, threads=1))
-        >>> check_resumable(TrainConfig(), TrainConfig(ways=20))
-        Traceback (most recent call last):
-        ...
-        ValueError: cannot resume with a different ways (checkpoint: 5, requested: 20)
-    """
-    old, new = saved.to_dict(), requested.to_dict()
-    changed = [k for k in old if k not in RESUMABLE_FIELDS and old[k] != new[k]]
-    if changed:
-        details = ", ".join(f"{k} (checkpoint: {old[k]!r}, requested: {new[k]!r})" for k in changed)
-        raise ValueError(f"cannot resume with a different {details}")
-    if saved.lr_schedule == "cosine" and saved.meta_steps != requested.meta_steps:
-        raise ValueError(
-            f"cannot resume with meta_steps={requested.meta_steps}: the cosine schedule of "
-            f"this run spans its meta_steps={saved.meta_steps}, and a different length would "
-            "change every remaining learning rate. Resume with the same --meta-steps, or start "
-            f"a new run with --meta-steps {requested.meta_steps} (split it into --time-budget "
-            "chunks with --resume if it is long), or use --lr-schedule constant, whose runs can "
-            "be extended"
-        )
-
-
-def check_config(config: TrainConfig) -> None:
-    """Raise if ``config`` cannot train, before any data is loaded or any file written.
-
-    :class:`TrainConfig` checks each field alone; this checks what needs the library: that the
-    backbone and the inner solver exist, that the inner options suit the solver, and that the
-    inner step is stable at ``reg``. It builds the meta-optimizer of a one-parameter model, so
-    it costs nothing.
-
-    Args:
-        config: The run settings.
-
-    Raises:
-        ValueError: Naming the setting that fails and why.
-
-    Example:
-        >>> check_config(TrainConfig())
-        >>> check_config(TrainConfig(inner="sdg"))
-        Traceback (most recent call last):
-        ...
-        ValueError: ...sdg...
-    """
-    check_backbone(config.backbone)
-    build_meta_optimizer(nn.Linear(1, 1), config)
-
-
-def check_world_size(config: TrainConfig, world_size: int) -> None:
-    """Raise unless the meta-batch divides evenly across ``world_size`` processes.
-
-    Each rank computes the meta-gradient of ``meta_batch / world_size`` tasks; averaging the
-    ranks' gradients gives the task mean over the whole meta-batch only when every rank has as
-    many tasks.
-
-    Args:
-        config: The run settings.
-        world_size: Number of processes (``torchrun``'s ``WORLD_SIZE``).
-
-    Raises:
-        ValueError: If ``config.meta_batch`` is not a multiple of ``world_size``.
-
-    Example:
-        >>> check_world_size(TrainConfig(meta_batch=4), 2)
-        >>> check_world_size(TrainConfig(meta_batch=4), 3)
-        Traceback (most recent call last):
-        ...
-        ValueError: the meta-batch of 4 tasks does not divide across 3 processes; ... e.g. 6
-    """
-    if config.meta_batch % world_size:
-        suggestion = -(-config.meta_batch // world_size) * world_size
-        raise ValueError(
-            f"the meta-batch of {config.meta_batch} tasks does not divide across {world_size} "
-            f"processes; use a --meta-batch that is a multiple of {world_size}, e.g. {suggestion}"
-        )
-
-
-@dataclass
-class _Run:
-    """The live objects of a run, kept together for checkpointing."""
-
-    config: TrainConfig
-    model: nn.Module
-    meta: ImplicitMetaOptimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    sampler: EpisodeSampler
-    image_shape: tuple[int, int, int]
-    device: torch.device
-    context: DistributedContext
-    step: int = 0
-    elapsed: float = 0.0
-    # The best validation score so far and its step; in the checkpoint, so that a resumed run
-    # keeps the same best.pt as an uninterrupted one.
-    best: dict[str, float | int] | None = None
-
-    def _rank_state(self) -> dict[str, Any]:
-        """The random streams of this rank: its episode sampler and torch's generators."""
-        cuda_rng: list[Tensor] = []
-        if self.device.type == "cuda":
-            cuda_rng = list(torch.cuda.get_rng_state_all())
-        return {
-            "sampler": encode_json_tensor(self.sampler.state_dict()),
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": cuda_rng,
-        }
-
-    def state(self) -> dict[str, Any] | None:
-        """The checkpoint, on rank 0 (None elsewhere); every rank must call it (it gathers).
-
-        The model and Adam's state are the same on every rank; the random streams are not, so
-        ``ranks`` holds each rank's (the top-level ``sampler``/``torch_rng``/``cuda_rng`` are
-        rank 0's, the layout of a single-process checkpoint). Nothing in it depends on the
-        clock, so the same run gives the same bytes.
-        """
-        mine = self._rank_state()
-        ranks = all_gather_objects(mine, self.context)
-        if not self.context.is_main:
-            return None
-        return {
-            "format": CHECKPOINT_FORMAT,
-            "config": self.config.to_dict(),
-            "image_shape": list(self.image_shape),
-            "step": self.step,
-            "model": self.model.state_dict(),
-            "meta": self.meta.state_dict(),
-            "lr_scheduler": self.scheduler.state_dict(),
-            "best": dict(self.best) if self.best is not None else {},
-            **mine,
-            "world_size": self.context.world_size,
-            "ranks": ranks,
-            "versions": {"implicit_meta": __version__, "torch": str(torch.__version__)},
-        }
-
-    def restore(self, state: dict[str, Any]) -> None:
-        if tuple(state.get("image_shape", ())) != self.image_shape:
-            raise ValueError(
-                f"the checkpoint was trained on images of shape {state.get('image_shape')}, "
-                f"the dataset has {list(self.image_shape)}"
-            )
-        self.model.load_state_dict(state["model"])
-        self.meta.load_state_dict(state["meta"])
-        self.step = int(state["step"])
-        if "lr_scheduler" in state:
-            self.scheduler.load_state_dict(state["lr_scheduler"])
-        else:
-            # A checkpoint of an older version (its rate followed the clock): continue the
-            # step-indexed schedule from its step.
-            self.scheduler.last_epoch = self.step
-            for group in self.meta.outer_optimizer.param_groups:
-                group["lr"] = meta_lr_at(self.config, self.step)
-        self.best = dict(state["best"]) if state.get("best") else None
-        streams = state["ranks"][self.context.rank] if "ranks" in state else state
-        self.sampler.load_state_dict(decode_json_tensor(streams["sampler"]))
-        torch.set_rng_state(streams["torch_rng"].cpu())
-        if self.device.type == "cuda" and streams.get("cuda_rng"):
-            torch.cuda.set_rng_state_all([s.cpu() for s in streams["cuda_rng"]])
-
-    def checkpoint(self, path: Path) -> None:
-        """Write the checkpoint (rank 0); every rank must call it."""
-        state = self.state()
-        if state is not None:
-            save_checkpoint(state, path)
-
-    @property
-    def lr(self) -> float:
-        return float(self.meta.outer_optimizer.param_groups[0]["lr"])
-
-
-def _record(step: int, elapsed: float, totals: Tensor, count: int, lr: float) -> dict[str, Any]:
-    # One device-to-host transfer per logged step; the steps in between never sync for logging.
-    means = (totals / count).tolist()
-    record: dict[str, Any] = {"step": step, "elapsed": round(elapsed, 3)}
-    record.update(zip(MetaBatchStats.names(), means, strict=True))
-    record["meta_lr"] = lr
-    return record
-
-
 def train(
     config: TrainConfig,
     out_dir: str | Path,
@@ -317,7 +121,8 @@ def train(
     Each meta-step draws ``meta_batch`` N-way K-shot episodes from the meta-train classes, adapts
     the model to every support set with the inner solver, and steps Adam on the task-mean
     implicit meta-gradient of the query cross-entropy; the learning rate follows
-    ``config.lr_schedule`` by meta-step (:func:`~implicit_meta.fewshot.build_lr_scheduler`).
+    ``config.lr_schedule`` by meta-step
+    (:func:`~implicit_meta.fewshot.builders.build_lr_scheduler`).
     With ``val_episodes`` > 0 the model is scored on validation classes at the start, every
     ``val_every`` steps and at the end, and the best-scoring state is kept in ``best.pt``.
     After ``meta_steps`` steps the selected checkpoint (``best.pt`` with validation, else the
@@ -489,7 +294,7 @@ def _train(
     # (e.g. for nondeterministic initialisers on some devices).
     broadcast_parameters(model, context)
     meta = build_meta_optimizer(model, config)
-    run = _Run(
+    run = Run(
         config=config,
         model=model,
         meta=meta,
@@ -536,11 +341,11 @@ def _train(
     evaluated: Path | None = None
     evaluated_step: int | None = None
     if config.eval_episodes > 0 and stopped_by == "meta_steps":
-        evaluated, evaluated_step, selected = _selected_model(run, out, validation is not None)
-        evaluation = _evaluate(run, splits.test, selected, config.eval_episodes, progress)
+        evaluated, evaluated_step, selected = selected_model(run, out, validation is not None)
+        evaluation = evaluate(run, splits.test, selected, config.eval_episodes, progress)
         start = initial_model(config, image_shape, device)
         broadcast_parameters(start, context)
-        baseline = _evaluate(run, splits.test, start, config.eval_episodes, progress)
+        baseline = evaluate(run, splits.test, start, config.eval_episodes, progress)
         if context.is_main:
             summary = {
                 **evaluation.to_dict(),
@@ -564,47 +369,6 @@ def _train(
     )
 
 
-def _selected_model(run: _Run, out: Path, validated: bool) -> tuple[Path, int, nn.Module]:
-    """The checkpoint the final evaluation scores: the best validated one, else the last."""
-    if not validated or run.best is None:
-        return out / CHECKPOINT_NAME, run.step, run.model
-    if int(run.best["step"]) == run.step:  # best.pt holds the current parameters
-        return out / BEST_NAME, run.step, run.model
-    state: dict[str, Tensor] | None = None
-    if run.context.is_main:
-        state = load_checkpoint(out / BEST_NAME)["model"]
-    state = broadcast_object(state, run.context)
-    model = build_model(run.config, run.image_shape, run.device)
-    assert state is not None  # every rank has rank 0's copy
-    model.load_state_dict(state)
-    return out / BEST_NAME, int(run.best["step"]), model
-
-
-def _evaluate(
-    run: _Run, dataset: FewShotDataset, model: nn.Module, episodes: int, progress: bool
-) -> EvaluationResult:
-    """Each rank scores its share of the episodes of ``dataset``; the summary covers all.
-
-    The episodes depend only on the seed and the dataset, so every model scored on a dataset
-    (the meta-trained one, the best one, the untrained one) sees the same tasks.
-    """
-    config, context = run.config, run.context
-    share = episodes // context.world_size + (context.rank < episodes % context.world_size)
-    sampler = EpisodeSampler(
-        dataset,
-        config.ways,
-        config.shots,
-        config.queries,
-        config.seed,
-        run.device,
-        rank=context.rank,
-    )
-    meta = run.meta if model is run.model else build_meta_optimizer(model, config)
-    mine = episode_accuracies(meta, sampler, share, progress=progress)
-    values = [value for part in all_gather_objects(mine, context) for value in part]
-    return EvaluationResult.from_accuracies(values, config.ways, config.shots)
-
-
 def _title(config: TrainConfig) -> str:
     return (
         f"iMAML {config.dataset} {config.ways}-way {config.shots}-shot, {config.backbone}, "
@@ -621,35 +385,8 @@ def _adjoint_words(config: TrainConfig) -> str:
     return adjoint.replace(curvature=curvature).describe()
 
 
-def _validate(
-    run: _Run, log: MetricsLog | None, out: Path, validation: FewShotDataset
-) -> EvaluationResult:
-    """Score the current model on the validation episodes; keep it in best.pt if it is best.
-
-    best.pt is written before the checkpoint that records the new best: a kill in between
-    resumes from an older checkpoint, which validates this step again and rewrites the same
-    best.pt.
-    """
-    result = _evaluate(run, validation, run.model, run.config.val_episodes, progress=False)
-    if run.best is None or result.accuracy > float(run.best["accuracy"]):
-        run.best = {"step": run.step, "accuracy": result.accuracy}
-        state = run.state()
-        if state is not None:
-            save_checkpoint(state, out / BEST_NAME)
-    if log is not None:
-        log.append(
-            {
-                "step": run.step,
-                "elapsed": round(run.elapsed, 3),
-                "val_accuracy": result.accuracy,
-                "val_ci95": result.ci95,
-            }
-        )
-    return result
-
-
 def _meta_train(
-    run: _Run,
+    run: Run,
     log: MetricsLog | None,
     out: Path,
     validation: FewShotDataset | None,
@@ -676,7 +413,7 @@ def _meta_train(
     postfix: dict[str, str] = {}
     if validation is not None and run.step == 0:
         # The untrained model's score: the curve's step-0 point and the first best.pt.
-        postfix["val"] = f"{_validate(run, log, out, validation).accuracy:.3f}"
+        postfix["val"] = f"{validate(run, log, out, validation).accuracy:.3f}"
     bar = tqdm(
         total=config.meta_steps,
         initial=run.step,
@@ -703,7 +440,9 @@ def _meta_train(
             bar.update(1)
             if run.step % config.log_every == 0 and totals is not None:
                 run.elapsed = clock()
-                record = _record(run.step, run.elapsed, all_reduce_mean(totals, context), count, lr)
+                record = metrics_record(
+                    run.step, run.elapsed, all_reduce_mean(totals, context), count, lr
+                )
                 if log is not None:
                     log.append(record)
                 seconds = max(run.elapsed - base, 1e-9)
@@ -724,7 +463,7 @@ def _meta_train(
                 run.step % config.val_every == 0 or run.step == config.meta_steps
             ):
                 run.elapsed = clock()
-                postfix["val"] = f"{_validate(run, log, out, validation).accuracy:.3f}"
+                postfix["val"] = f"{validate(run, log, out, validation).accuracy:.3f}"
                 bar.set_postfix(postfix)
             if run.step % config.checkpoint_every == 0:
                 run.checkpoint(checkpoint_path)
@@ -732,7 +471,7 @@ def _meta_train(
                     plot_curves(read_metrics(log.path), out / CURVES_NAME)
     run.elapsed = clock()
     if totals is not None and count:
-        record = _record(run.step, run.elapsed, all_reduce_mean(totals, context), count, lr)
+        record = metrics_record(run.step, run.elapsed, all_reduce_mean(totals, context), count, lr)
         if log is not None:
             log.append(record)
     return stopped_by
