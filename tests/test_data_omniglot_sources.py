@@ -22,6 +22,7 @@ from PIL import Image
 
 import implicit_meta.data as imd
 from implicit_meta.data import load_omniglot, load_omniglot_characters
+from implicit_meta.data.omniglot_meta import character_name
 
 EMBEDDED = Path(imd.__file__).parent / "embedded"
 PERM = np.random.default_rng(0).permutation(1623) + 1  # documented "paper" protocol order
@@ -133,7 +134,7 @@ def test_user_copy_equals_raw_pixels(
     chars = load_omniglot_characters(root, image_size=105, use_cache=False)
     assert chars.images.dtype == torch.uint8
     assert np.array_equal(chars.images.numpy(), expected_raw(raw, SUBSET))
-    assert list(chars.class_names) == [imd.character_name(i) for i in SUBSET]
+    assert list(chars.class_names) == [character_name(i) for i in SUBSET]
 
 
 def test_zip_member_may_live_under_omniglot_py(zip_root: Path, raw: np.ndarray) -> None:
@@ -185,8 +186,8 @@ def test_listing_order_does_not_matter(folder_root: Path, monkeypatch: pytest.Mo
 
 def test_protocols_on_partial_copy(folder_root: Path) -> None:
     paper = load_omniglot(folder_root, rotations=False, use_cache=False)
-    train = {imd.character_name(i) for i in SUBSET if i in set(PERM[:1200].tolist())}
-    test = {imd.character_name(i) for i in SUBSET if i in set(PERM[1200:].tolist())}
+    train = {character_name(i) for i in SUBSET if i in set(PERM[:1200].tolist())}
+    test = {character_name(i) for i in SUBSET if i in set(PERM[1200:].tolist())}
     assert set(paper.train.class_names) == train
     assert set(paper.test.class_names) == test
     lake = load_omniglot(folder_root, protocol="lake", use_cache=False)

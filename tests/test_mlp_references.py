@@ -47,7 +47,7 @@ def test_meta_gradient_matches_dense_solve(hvp: str, device: torch.device) -> No
     meta = _meta(model, hvp=hvp)
     result = meta.meta_backward(ce, support, query)
     assert float(result.stationarity) < 1e-10
-    phi = {k: v.detach() for k, v in meta.adapt(ce, support).named_parameters()}
+    phi = dict(meta.adapt(ce, support).params)
     _, frozen, buffers = split_state(model)
     inner = functional_loss(model, ce, support, frozen, buffers)
     outer = functional_loss(model, ce, query, frozen, buffers)
@@ -83,7 +83,7 @@ def test_meta_gradient_matches_torchopt_custom_root() -> None:
     def solve(phi0: tuple[Tensor, ...], theta: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         # Any converged solver will do: custom_root never differentiates through it.
         adapted = meta.adapt(ce, support)
-        return tuple(p.detach() for _, p in adapted.named_parameters())
+        return tuple(adapted.params[name] for name in names)
 
     theta = tuple(p.detach().clone().requires_grad_(True) for p in model.parameters())
     phi = solve(tuple(t.detach() for t in theta), theta)

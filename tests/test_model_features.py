@@ -26,11 +26,7 @@ def _batches(device: torch.device, dtype: torch.dtype = torch.float64):
 
 
 def _dense_reference(model: nn.Module, meta: im.ImplicitMetaOptimizer, support, query) -> Tensor:
-    phi = {
-        k: v.detach()
-        for k, v in meta.adapt(ce, support).named_parameters()
-        if dict(model.named_parameters())[k].requires_grad
-    }
+    phi = dict(meta.adapt(ce, support).params)  # the trainable parameters only
     _, frozen, buffers = split_state(model)
     inner = functional_loss(model, ce, support, frozen, buffers)
     outer = functional_loss(model, ce, query, frozen, buffers)
@@ -93,7 +89,8 @@ def test_frozen_layer_gets_no_grad_and_is_not_adapted(device: torch.device) -> N
     meta.step()
     assert model[0].weight.grad is None and model[0].bias.grad is None
     assert torch.equal(model[0].weight, frozen_before)
-    adapted = meta.adapt(ce, support)
+    adapted = meta.adapt(ce, support).to_module()
+    assert "0.weight" not in meta.adapt(ce, support).params  # frozen: not adapted
     assert torch.equal(adapted[0].weight, frozen_before)
     assert not torch.allclose(adapted[2].weight, model[2].weight)
     model[2].weight.grad = None
