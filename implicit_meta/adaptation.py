@@ -11,8 +11,9 @@ adapted parameters are from the ``phi*`` the theory assumes.
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -35,26 +36,40 @@ class AdaptedModel:
     Calling it runs ``model`` at :attr:`params` (and the model's own frozen parameters) with
     :func:`torch.func.functional_call`: the model is neither copied nor changed, and buffers
     start from the model's values on every call (BatchNorm updates made in train mode are
-    discarded). The model's current train/eval mode applies.
+    discarded). The model's current train/eval mode applies. :attr:`stationarity` and
+    :attr:`relative_stationarity` are computed when first read (a gradient each), so
+    evaluation that only calls the model pays nothing for them.
 
     Attributes:
         model: The model adapted (unchanged).
         params: The adapted trainable parameters ``phi*``, detached, by name.
         inner_loss: ``L_in(phi*)`` on the support batch (detached).
-        stationarity: ``||grad L_in(phi*) + reg (phi* - theta)||`` (detached), zero at the
-            exact inner optimum.
-        relative_stationarity: ``stationarity / ||grad L_in(theta)||``: well below 1 when the
-            inner problem was solved, near 1 when it was barely started, above 1 when it
-            diverged.
     """
 
     model: nn.Module
     params: Params
     inner_loss: Tensor
-    stationarity: Tensor
-    relative_stationarity: Tensor
-    _frozen: Params
-    _buffers: Params
+    _theta: Params = field(repr=False)
+    _frozen: Params = field(repr=False)
+    _buffers: Params = field(repr=False)
+    _objective: Callable[[Params], Tensor] = field(repr=False)
+    _reg: float = field(repr=False)
+
+    @functools.cached_property
+    def stationarity(self) -> Tensor:
+        """``||grad L_in(phi*) + reg (phi* - theta)||`` (detached), zero at the inner optimum."""
+        gradient, _ = _grad_and_value(self._objective, self.params)
+        return stationarity(gradient, self.params, self._theta, self._reg)
+
+    @functools.cached_property
+    def relative_stationarity(self) -> Tensor:
+        """``stationarity / ||grad L_in(theta)||``, the inner problem's progress.
+
+        Well below 1 when the inner problem was solved, near 1 when it was barely started,
+        above 1 when it diverged.
+        """
+        start = _start_gradient(self._objective, self._theta)
+        return _ratio(self.stationarity, tree_norm(start).detach())
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """The model's output at the adapted parameters.
@@ -127,9 +142,6 @@ def adapt_with_solver(
     check_batch(support, "support")
     theta, frozen, buffers = split_state(model)
     inner_loss = functional_loss(model, loss_fn, support, frozen, buffers, "loss_fn")
-    # The gradient at theta: the scale of the relative stationarity, and where a loss that
-    # does not depend on the parameters is caught.
-    start = _start_gradient(inner_loss, theta)
     phi = solve_inner(
         inner_loss,
         theta,
@@ -140,18 +152,19 @@ def adapt_with_solver(
         solver_options=dict(solver_options or {}),
         compile_objective=compile_objective,
     )
-    gradient, value = _grad_and_value(inner_loss, phi)
+    with torch.no_grad():
+        value = inner_loss(phi)
     if not bool(torch.isfinite(value)):
         raise ValueError(f"the inner loss is not finite ({float(value)}) at the adapted parameters")
-    distance = stationarity(gradient, phi, theta, reg)
     return AdaptedModel(
         model=model,
         params={name: tensor.detach() for name, tensor in phi.items()},
         inner_loss=value.detach(),
-        stationarity=distance,
-        relative_stationarity=_ratio(distance, tree_norm(start).detach()),
+        _theta=theta,
         _frozen=frozen,
         _buffers=buffers,
+        _objective=inner_loss,
+        _reg=reg,
     )
 
 

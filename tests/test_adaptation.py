@@ -127,3 +127,22 @@ def test_bad_settings_are_refused_before_any_work(
         im.adapt(model, _mse, batch, **settings)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"torch\.nn\.Module"):
         im.adapt("model", _mse, batch, reg=1.0)  # type: ignore[arg-type]
+
+
+def test_stationarity_costs_nothing_until_it_is_read() -> None:
+    model, batch = _ridge_problem()
+    calls = 0
+
+    def counted(module: nn.Module, b: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        return _mse(module, b)
+
+    adapted = im.adapt(model, counted, batch, reg=1.0, inner_steps=2, inner_lr=0.1)
+    after_adapt = calls
+    adapted(batch[0])
+    assert calls == after_adapt  # calling the model does not evaluate the loss
+    first = adapted.relative_stationarity
+    assert calls > after_adapt
+    evaluated = calls
+    assert adapted.relative_stationarity is first and calls == evaluated  # computed once
