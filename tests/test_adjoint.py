@@ -80,6 +80,20 @@ def test_default_is_first_order_and_naming_a_system_turns_cg_on() -> None:
         ImplicitAdjoint(cg_steps=-1)
 
 
+def test_settings_saved_as_first_order_with_a_curvature_still_load() -> None:
+    # What `--curvature gauss_newton` stored while cg_steps defaulted to 0 without the refusal.
+    saved = {"reg": 1.0, "curvature": "gauss_newton", "damping": 0.5, "cg_steps": 0}
+    assert ImplicitAdjoint.from_dict(saved) == ImplicitAdjoint(reg=1.0, cg_steps=0)
+    config = TrainConfig.from_dict({**TrainConfig().to_dict(), **saved})
+    assert config.adjoint() == ImplicitAdjoint(reg=1.0, cg_steps=0)
+    model = _mlp()
+    meta = im.ImplicitMetaOptimizer(model, torch.optim.Adam(model.parameters()))
+    state = meta.state_dict()
+    state["settings"]["adjoint"] = {**state["settings"]["adjoint"], **saved}
+    meta.load_state_dict(state)
+    assert meta.adjoint.first_order and meta.adjoint.reg == 1.0
+
+
 @pytest.mark.parametrize(("damping", "scale"), [(0.0, 1.0), (1.5, 1.0), (0.5, 0.25)])
 def test_damped_solve_equals_the_dense_solve(damping: float, scale: float) -> None:
     reg = 3.0

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from implicit_meta.functional.adjoint import ImplicitAdjoint
+from implicit_meta.functional.adjoint import ImplicitAdjoint, stored_first_order
 
 __all__ = [
     "DATASETS",
@@ -287,7 +287,7 @@ class TrainConfig:
         unknown = set(values) - set(_field_types())
         if unknown:
             raise ValueError(f"unknown config fields: {sorted(unknown)}")
-        return cls(**dict(values))
+        return cls(**stored_first_order(values))
 
     def replace(self, **changes: Any) -> TrainConfig:
         """A copy with some fields changed (validated again).

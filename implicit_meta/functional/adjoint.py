@@ -39,6 +39,31 @@ from implicit_meta.functional.hvp import ScalarFn, resolve_hvp_mode
 IMPLICIT_CG_STEPS = 5
 """CG steps an adjoint takes when a system is chosen but ``cg_steps`` is not."""
 
+SYSTEM_FIELDS = ("curvature", "damping", "curvature_scale", "cg_tol", "hvp")
+"""The fields that describe the linear system; they have no effect with ``cg_steps=0``."""
+
+
+def stored_first_order(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Saved settings, with the system fields dropped where ``cg_steps`` is 0.
+
+    Settings saved before ``cg_steps=0`` beside a system field was refused (``--curvature
+    gauss_newton`` alone once stored exactly that) still load: first-order never read those
+    fields, so dropping them changes no arithmetic.
+
+    Args:
+        values: Saved fields (of an adjoint or a config holding its fields).
+
+    Returns:
+        A copy that the current checks accept.
+
+    Example:
+        >>> stored_first_order({"cg_steps": 0, "curvature": "gauss_newton", "reg": 1.0})
+        {'cg_steps': 0, 'reg': 1.0}
+    """
+    if values.get("cg_steps") != 0:
+        return dict(values)
+    return {k: v for k, v in values.items() if k not in SYSTEM_FIELDS}
+
 
 @dataclass(frozen=True)
 class ImplicitAdjoint:
@@ -116,8 +141,7 @@ class ImplicitAdjoint:
     def _resolved_cg_steps(self) -> int:
         """``cg_steps`` as an int: ``None`` becomes 0 or 5; 0 beside a set system is refused."""
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
-        system_fields = ("curvature", "damping", "curvature_scale", "cg_tol", "hvp")
-        chosen = [name for name in system_fields if getattr(self, name) != defaults[name]]
+        chosen = [name for name in SYSTEM_FIELDS if getattr(self, name) != defaults[name]]
         if self.cg_steps is None:
             return IMPLICIT_CG_STEPS if chosen else 0
         steps = check_int(self.cg_steps, "cg_steps", 0)
@@ -233,7 +257,7 @@ class ImplicitAdjoint:
         unknown = set(values) - known
         if unknown:
             raise ValueError(f"unknown adjoint settings: {sorted(unknown)}")
-        fields = dict(values)
+        fields = stored_first_order(values)
         if "curvature" in fields and fields["curvature"] is None:
             if curvature is None:
                 raise ValueError(

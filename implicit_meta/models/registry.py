@@ -247,21 +247,22 @@ def build_backbone(spec: str, *, num_classes: int, in_channels: int, image_size:
         >>> sum(p.numel() for p in model.parameters())
         28485
     """
-    check_backbone(spec)
     found = _lookup(spec)
-    if found is not None:
-        entry, options = found
-        model = entry.build(
-            num_classes=num_classes, in_channels=in_channels, image_size=image_size, **options
-        )
-        if not isinstance(model, nn.Module):
-            raise TypeError(
-                f"backbone {spec!r} returned {type(model).__name__}, not a torch.nn.Module"
-            )
-        return model
-    import timm
+    if found is None:
+        check_backbone(spec)  # a timm spec, or an error that lists what is registered
+        import timm
 
-    built: nn.Module = timm.create_model(
-        spec[len(TIMM_PREFIX) :], pretrained=False, num_classes=num_classes, in_chans=in_channels
+        built: nn.Module = timm.create_model(
+            spec[len(TIMM_PREFIX) :],
+            pretrained=False,
+            num_classes=num_classes,
+            in_chans=in_channels,
+        )
+        return built
+    entry, options = found
+    model = entry.build(
+        num_classes=num_classes, in_channels=in_channels, image_size=image_size, **options
     )
-    return built
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"backbone {spec!r} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
