@@ -230,6 +230,38 @@ def test_math_renders_offline(built_site: Path) -> None:
     assert (built_site / "javascripts" / "mathjax.js").is_file()
 
 
+SCRIPT_SRC = re.compile(r"<script\b[^>]*?\bsrc=\"([^\"]+)\"")
+STYLESHEET_HREF = re.compile(r"<link\b[^>]*?\brel=\"stylesheet\"[^>]*?\bhref=\"([^\"]+)\"")
+
+
+def test_math_renderer_ships_with_the_site(built_site: Path) -> None:
+    """Offline (a cluster node), every page's scripts and styles come from the site itself."""
+    pages = sorted(built_site.rglob("*.html"))
+    assert len(pages) > 10
+    renderers: set[Path] = set()
+    for page in pages:
+        html = page.read_text(encoding="utf-8")
+        for reference in SCRIPT_SRC.findall(html) + STYLESHEET_HREF.findall(html):
+            where = f"{page.relative_to(built_site)}: {reference}"
+            assert not re.match(r"(?i)([a-z][a-z0-9+.-]*:|//)", reference), f"remote: {where}"
+            path = reference.split("?")[0]
+            # Site-absolute paths only on 404.html, which only a web server shows.
+            base = built_site if path.startswith("/") else page.parent
+            target = (base / path.lstrip("/")).resolve()
+            assert target.is_file(), f"missing from the site: {where}"
+            if target.name == "tex-mml-chtml.js":
+                renderers.add(target)
+    # Every page with math loads one MathJax, from the site, with the fonts it loads beside it.
+    (renderer,) = renderers
+    assert renderer.stat().st_size > 500_000  # the MathJax component, not a stub
+    assert "MathJax" in renderer.read_text(encoding="utf-8", errors="replace")[:100_000]
+    fonts = renderer.parent / "output" / "chtml" / "fonts" / "woff-v2"
+    assert any(fonts.glob("MathJax_Main-Regular.woff")), fonts
+    assert (renderer.parent / "input" / "tex" / "extensions").is_dir()  # autoloaded packages
+    concepts = (built_site / "concepts" / "index.html").read_text(encoding="utf-8")
+    assert "tex-mml-chtml.js" in concepts and 'class="arithmatex"' in concepts
+
+
 def test_readme_python_blocks_run() -> None:
     """Every ```python block of README.md runs as written, in one namespace, in order."""
     text = (ROOT / "README.md").read_text(encoding="utf-8")

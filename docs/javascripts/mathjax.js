@@ -1,6 +1,7 @@
 // MathJax configuration for pymdownx.arithmatex (generic mode): typeset only the spans it emits.
-// The MathJax script itself is referenced in mkdocs.yml (extra_javascript) and is loaded by the
-// reader's browser, never by `mkdocs build`. Without it the TeX source stays readable as text.
+// The MathJax script itself is referenced in mkdocs.yml (extra_javascript) and ships with the
+// site (docs/_hooks/mathjax.py copies it in at build time), so formulas render offline. Without
+// it the TeX source stays readable as text.
 window.MathJax = {
   tex: {
     inlineMath: [["\\(", "\\)"]],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -14,12 +15,57 @@ from implicit_meta.fewshot.config import TrainConfig
 from implicit_meta.fewshot.device import configure_threads, resolve_device
 from implicit_meta.fewshot.evaluation import EvaluationResult, evaluate_episodes
 from implicit_meta.fewshot.meta_splits import load_splits
+from implicit_meta.fewshot.run_files import BEST_NAME, CHECKPOINT_NAME
 
-__all__ = ["evaluate_checkpoint", "load_meta_model"]
+__all__ = ["evaluate_checkpoint", "load_meta_model", "resolve_checkpoint"]
+
+WHICH: tuple[str, ...] = ("best", "last")
+"""The checkpoints of a run folder: ``best.pt`` and ``checkpoint.pt`` (the last)."""
+
+
+def resolve_checkpoint(path: str | os.PathLike[str], which: str = "best") -> Path:
+    """The checkpoint file ``path`` names: itself, or in a run folder the one ``which`` says.
+
+    ``implicit-meta evaluate --checkpoint`` and :func:`load_meta_model` read their argument
+    this way, so both take a run folder as well as a file.
+
+    Args:
+        path: A ``checkpoint.pt`` or ``best.pt``, or a run folder written by ``train``.
+        which: In a run folder: ``"best"`` (``best.pt``, the best validation score; the last
+            checkpoint if the run has no validation) or ``"last"`` (``checkpoint.pt``).
+
+    Returns:
+        The file to read; a path that is not a folder is returned as given.
+
+    Raises:
+        ValueError: If ``which`` is neither ``"best"`` nor ``"last"``.
+        FileNotFoundError: If the folder holds no ``checkpoint.pt``.
+
+    Example:
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as run:
+        ...     _ = (Path(run) / "checkpoint.pt").write_bytes(b"")
+        ...     resolve_checkpoint(run).name, resolve_checkpoint(f"{run}/best.pt").name
+        ('checkpoint.pt', 'best.pt')
+    """
+    if which not in WHICH:
+        raise ValueError(f"which must be one of {', '.join(WHICH)}, got {which!r}")
+    given = Path(path)
+    if not given.is_dir():
+        return given
+    best, last = given / BEST_NAME, given / CHECKPOINT_NAME
+    if which == "best" and best.is_file():
+        return best
+    if not last.is_file():
+        raise FileNotFoundError(f"{given} holds no {CHECKPOINT_NAME}; is it a run folder?")
+    return last
 
 
 def load_meta_model(
-    checkpoint_path: str | os.PathLike[str], device: torch.device | str = "cpu"
+    checkpoint_path: str | os.PathLike[str],
+    device: torch.device | str = "cpu",
+    *,
+    which: str = "best",
 ) -> tuple[nn.Module, TrainConfig]:
     """Rebuild the meta-trained model of a checkpoint, to adapt it to your own tasks.
 
@@ -31,17 +77,23 @@ def load_meta_model(
     meta-training).
 
     Args:
-        checkpoint_path: A ``checkpoint.pt`` written by ``implicit-meta train``.
+        checkpoint_path: A ``checkpoint.pt`` or ``best.pt`` written by ``implicit-meta train``,
+            or the run folder (then ``which`` picks the file, as ``implicit-meta evaluate
+            --checkpoint DIR`` does; see :func:`resolve_checkpoint`).
         device: Where to put the model (``"cpu"``, ``"cuda"``; ``"auto"`` also accepted).
+        which: In a run folder: ``"best"`` (``best.pt``, or ``checkpoint.pt`` when the run
+            had no validation) or ``"last"`` (``checkpoint.pt``).
 
     Returns:
         ``(model, config)``: the model in train mode on ``device`` (float32), and the run's
         :class:`~implicit_meta.fewshot.TrainConfig` (``config.ways`` is the output size).
 
     Raises:
-        FileNotFoundError: If there is no file at ``checkpoint_path``.
+        FileNotFoundError: If there is no file at ``checkpoint_path`` (or no checkpoint in the
+            folder).
         CheckpointError: If the file is not a readable few-shot checkpoint.
         DeviceUnavailableError: If CUDA is requested but absent.
+        ValueError: If ``which`` is neither ``"best"`` nor ``"last"``.
 
     Example:
         >>> import tempfile, warnings
@@ -52,7 +104,7 @@ def load_meta_model(
         ...                      eval_episodes=0, val_episodes=0, threads=1, device="cpu")
         >>> with tempfile.TemporaryDirectory() as out:
         ...     _ = train(config, out, progress=False)
-        ...     model, config = load_meta_model(f"{out}/checkpoint.pt")
+        ...     model, config = load_meta_model(out)  # the run folder, or a file in it
         >>> import torch, torch.nn.functional as F
         >>> from implicit_meta.fewshot import build_meta_optimizer
         >>> meta = build_meta_optimizer(model, config)
@@ -62,8 +114,9 @@ def load_meta_model(
         >>> adapted(torch.rand(6, 1, 28, 28)).argmax(dim=-1).shape
         torch.Size([6])
     """
+    path = resolve_checkpoint(checkpoint_path, which)
     target = resolve_device(device) if isinstance(device, str) else torch.device(device)
-    return _load(checkpoint_path, target, initial=False)
+    return _load(path, target, initial=False)
 
 
 def _load(
@@ -94,6 +147,7 @@ def evaluate_checkpoint(
     threads: int = 0,
     progress: bool = False,
     initial: bool = False,
+    which: str = "best",
 ) -> tuple[EvaluationResult, TrainConfig]:
     """Evaluate a checkpoint on test episodes of the dataset it was trained on.
 
@@ -102,7 +156,8 @@ def evaluate_checkpoint(
     what meta-training added.
 
     Args:
-        checkpoint_path: A ``checkpoint.pt`` written by ``implicit-meta train``.
+        checkpoint_path: A ``checkpoint.pt`` or ``best.pt`` written by ``implicit-meta train``,
+            or the run folder (see :func:`resolve_checkpoint`).
         episodes: Number of test episodes (600 in the MAML/iMAML protocol).
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
         seed: Seed of the test episodes; default the run's seed (the episodes the training
@@ -112,6 +167,7 @@ def evaluate_checkpoint(
             :func:`~implicit_meta.fewshot.device.configure_threads`).
         progress: Show a progress bar on stderr.
         initial: Score the untrained initialisation instead of the meta-parameters.
+        which: In a run folder: ``"best"`` or ``"last"``, as for :func:`load_meta_model`.
 
     Returns:
         ``(result, config)``.
@@ -120,7 +176,7 @@ def evaluate_checkpoint(
         FileNotFoundError: If the checkpoint or the dataset is missing.
         CheckpointError: If the file is not a readable few-shot checkpoint.
         DeviceUnavailableError: If CUDA is requested but absent.
-        ValueError: If ``episodes`` is not positive.
+        ValueError: If ``episodes`` is not positive or ``which`` is unknown.
 
     Example:
         >>> import tempfile, warnings
@@ -137,9 +193,10 @@ def evaluate_checkpoint(
     """
     if episodes < 1:
         raise ValueError(f"episodes must be positive, got {episodes}")
+    path = resolve_checkpoint(checkpoint_path, which)
     target = resolve_device(device)
     configure_threads(threads)
-    model, config = _load(checkpoint_path, target, initial=initial)
+    model, config = _load(path, target, initial=initial)
     meta = build_meta_optimizer(model, config)
     splits = load_splits(config.dataset, root if root is not None else config.root, config.protocol)
     sampler = EpisodeSampler(

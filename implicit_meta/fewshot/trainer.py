@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -32,7 +33,7 @@ from implicit_meta.fewshot.builders import (
     initial_model,
 )
 from implicit_meta.fewshot.checkpoint import load_checkpoint
-from implicit_meta.fewshot.checks import check_config, check_world_size
+from implicit_meta.fewshot.checks import check_config, check_model, check_world_size
 from implicit_meta.fewshot.config import TrainConfig, check_resumable
 from implicit_meta.fewshot.device import available_cpus, configure_threads, resolve_device
 from implicit_meta.fewshot.evaluation import EvaluationResult
@@ -63,6 +64,8 @@ __all__ = [
     "check_world_size",
     "train",
 ]
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -219,7 +222,7 @@ def _threads(config: TrainConfig, context: DistributedContext, device: torch.dev
 def _prepare_output(
     config: TrainConfig, out: Path, resume: bool, context: DistributedContext
 ) -> dict[str, Any] | None:
-    """On rank 0: check and prepare ``out``; return the checkpoint to resume, if any."""
+    """On rank 0: check ``out``, writing nothing; return the checkpoint to resume, if any."""
     checkpoint_path = out / CHECKPOINT_NAME
     saved: dict[str, Any] | None = None
     if resume:
@@ -235,26 +238,35 @@ def _prepare_output(
         raise FileExistsError(
             f"{checkpoint_path} exists; resume it or choose another output folder"
         )
+    return saved
+
+
+def _create_output(out: Path) -> None:
+    """On rank 0: create ``out`` and clear what a killed write left in it."""
     out.mkdir(parents=True, exist_ok=True)
     # Temp files of a write (checkpoint, best.pt, curves) killed before its rename; the files
     # they were meant to replace are intact.
     for stale in out.glob(".*.tmp"):
         stale.unlink(missing_ok=True)
-    return saved
 
 
 def _prepare_everywhere(
     config: TrainConfig, out: Path, resume: bool, context: DistributedContext
 ) -> dict[str, Any] | None:
-    """Rank 0 prepares ``out`` and reads the checkpoint; every rank gets it or rank 0's error.
+    """Rank 0 checks ``out`` and reads the checkpoint; every rank gets it or rank 0's error."""
+    return _on_main(lambda: _prepare_output(config, out, resume, context), context)
+
+
+def _on_main(work: Callable[[], _T], context: DistributedContext) -> _T:
+    """Run ``work`` on rank 0; every rank gets its result or its error.
 
     Only rank 0 touches the run folder, so the other ranks (possibly on other machines) need
     no access to it, and an error there stops every rank instead of leaving them waiting.
     """
-    outcome: dict[str, Any] | BaseException | None = None
+    outcome: _T | BaseException | None = None
     if context.is_main:
         try:
-            outcome = _prepare_output(config, out, resume, context)
+            outcome = work()
         except Exception as error:  # any failure must reach the other ranks too
             if not context.enabled:
                 raise
@@ -262,7 +274,7 @@ def _prepare_everywhere(
     outcome = broadcast_object(outcome, context)
     if isinstance(outcome, BaseException):
         raise outcome
-    return outcome
+    return outcome  # type: ignore[return-value]  # rank 0's result
 
 
 def _train(
@@ -290,6 +302,10 @@ def _train(
     torch.manual_seed(config.seed)
     image_shape = splits.train.image_shape
     model = build_model(config, image_shape, device)
+    # The backbone must take the dataset's images: checked here, before the run folder exists,
+    # so that a backbone that cannot leaves no folder behind and the error is one line.
+    check_model(model, config, image_shape, device)
+    _on_main(lambda: _create_output(out), context)
     # Same seed, same initialisation on every rank in practice; the broadcast makes it certain
     # (e.g. for nondeterministic initialisers on some devices).
     broadcast_parameters(model, context)

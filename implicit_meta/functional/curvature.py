@@ -11,6 +11,9 @@ Hessian-free optimisation (Martens 2010) uses for the same reason.
 
 A Gauss-Newton product needs the outputs apart from the loss, so the inner loss must come as a
 :class:`ComposedLoss` (``criterion(outputs(phi))``).
+
+Every curvature's products (a user's too) run attention on its twice-differentiable math kernel,
+as the Hessian-vector products do (see :mod:`implicit_meta.functional.hvp`).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from implicit_meta.functional._attention import math_attention, with_math_attention
 from implicit_meta.functional._grad import inside_transform
 from implicit_meta.functional._tree import Params
 from implicit_meta.functional.hvp import HVPFn, ScalarFn, value_grad_and_hvp
@@ -151,7 +155,10 @@ def curvature_products(
         return gauss_newton_products(inner_loss, phi)
     assert callable(concrete)
     gradient, value = _grad_and_value(inner_loss, phi)
-    return value, gradient, concrete(inner_loss, phi)
+    # A user's products are second-order too: attention runs on its math kernel in them.
+    with math_attention():
+        product = concrete(inner_loss, phi)
+    return value, gradient, with_math_attention(product)
 
 
 def gauss_newton_products(loss: ComposedLoss, params: Params) -> tuple[Tensor, Params, HVPFn]:
@@ -184,9 +191,15 @@ def gauss_newton_products(loss: ComposedLoss, params: Params) -> tuple[Tensor, P
         >>> value, grad["w"], ggn({"w": torch.ones(2)})["w"]  # 2 x^T x v
         (tensor(9.), tensor([ 6., 12.]), tensor([ 6., 12.]))
     """
-    if inside_transform():
-        return _gauss_newton_func(loss, params)
-    return _gauss_newton_autograd(loss, params)
+    # J v needs a derivative of the outputs' backward (double backward, or forward mode), which
+    # attention's fused kernels lack: the products build their graphs, and run, with the math
+    # kernel (see implicit_meta.functional._attention).
+    with math_attention():
+        if inside_transform():
+            value, gradient, product = _gauss_newton_func(loss, params)
+        else:
+            value, gradient, product = _gauss_newton_autograd(loss, params)
+    return value, gradient, with_math_attention(product)
 
 
 def _gauss_newton_func(loss: ComposedLoss, params: Params) -> tuple[Tensor, Params, HVPFn]:

@@ -13,6 +13,11 @@ Two strategies, both exact:
   (a custom ``autograd.Function`` without ``jvp``; ``F.mse_loss`` under ``vmap``, whose
   forward-over-reverse rule writes into an immutable zero tensor), the products fall back to
   reverse-over-reverse once, with a warning; the fallback is exact too.
+
+Both work on models that call ``F.scaled_dot_product_attention`` (timm's ViTs): its fused
+kernels have no second derivative (nor a forward-mode one), so the products build their graphs,
+and run, with the math kernel (``torch.nn.attention.sdpa_kernel(SDPBackend.MATH)``), which
+computes the same attention; first-order code keeps the fused kernels.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from implicit_meta.functional._attention import math_attention, with_math_attention
 from implicit_meta.functional._grad import inside_transform
 from implicit_meta.functional._stack import user_stacklevel
 from implicit_meta.functional._tree import Params
@@ -187,6 +193,16 @@ def value_grad_and_hvp(
     concrete = resolve_hvp_mode(mode)
     if mode == "auto" and _under_vmap(params):
         concrete = "forward_over_reverse"
+    # Attention's fused kernels have no second derivative: the products build their graphs,
+    # and run, with the math kernel (see implicit_meta.functional._attention).
+    with math_attention():
+        value, gradient, hvp_fn = _value_grad_and_hvp(fn, params, concrete)
+    return value, gradient, with_math_attention(hvp_fn)
+
+
+def _value_grad_and_hvp(
+    fn: ScalarFn, params: Params, concrete: str
+) -> tuple[Tensor, Params, HVPFn]:
     if concrete == "reverse_over_reverse":
         return _reverse_over_reverse(fn, params)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from torch import nn
 
@@ -220,8 +220,9 @@ def build_backbone(spec: str, *, num_classes: int, in_channels: int, image_size:
     ``"conv4-<width>"`` the same with ``<width>`` channels; any name registered with
     :func:`register_backbone` builds with its builder. ``"timm:<name>"`` is
     ``timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_channels)``
-    for any timm model, unchanged; ``image_size`` is not passed to timm (most timm CNNs pool
-    globally and accept any size; models with a fixed input size must be given images of it).
+    for any timm model, with ``img_size=image_size`` added for the models whose configuration
+    marks a fixed input size (ViTs, Swin, MLP-Mixer: their patch grid and position embeddings
+    are sized for it); timm CNNs pool globally and take any size, so they are built without it.
 
     BatchNorm: Conv4 normalises with batch statistics in every mode (no running statistics).
     timm models keep their ordinary BatchNorm; meta-training never writes its running statistics,
@@ -239,26 +240,28 @@ def build_backbone(spec: str, *, num_classes: int, in_channels: int, image_size:
         mode).
 
     Raises:
-        ValueError: If the spec is not recognised or timm does not know the model.
+        ValueError: If the spec is not recognised, timm does not know the model, or a timm
+            model with a fixed input size does not take ``img_size``.
         TypeError: If a registered builder does not return an ``nn.Module``.
 
     Example:
         >>> model = build_backbone("conv4-32", num_classes=5, in_channels=1, image_size=28)
         >>> sum(p.numel() for p in model.parameters())
         28485
+        >>> vit = build_backbone("timm:vit_tiny_patch16_224", num_classes=5, in_channels=1,
+        ...                      image_size=32)
+        >>> vit.patch_embed.img_size
+        (32, 32)
     """
     found = _lookup(spec)
     if found is None:
         check_backbone(spec)  # a timm spec, or an error that lists what is registered
-        import timm
-
-        built: nn.Module = timm.create_model(
+        return _build_timm(
             spec[len(TIMM_PREFIX) :],
-            pretrained=False,
             num_classes=num_classes,
-            in_chans=in_channels,
+            in_channels=in_channels,
+            image_size=image_size,
         )
-        return built
     entry, options = found
     model = entry.build(
         num_classes=num_classes, in_channels=in_channels, image_size=image_size, **options
@@ -266,3 +269,27 @@ def build_backbone(spec: str, *, num_classes: int, in_channels: int, image_size:
     if not isinstance(model, nn.Module):
         raise TypeError(f"backbone {spec!r} returned {type(model).__name__}, not a torch.nn.Module")
     return model
+
+
+def _build_timm(name: str, *, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    """``timm.create_model`` of ``name``, given ``img_size`` where its input size is fixed."""
+    # Imported here: timm takes seconds to import and Conv4 users never need it.
+    import timm
+
+    options: dict[str, Any] = {}
+    pretrained_cfg = timm.models.get_pretrained_cfg(name)
+    if pretrained_cfg is not None and pretrained_cfg.fixed_input_size:
+        options["img_size"] = image_size
+    try:
+        built: nn.Module = timm.create_model(
+            name, pretrained=False, num_classes=num_classes, in_chans=in_channels, **options
+        )
+    except TypeError as error:
+        if not options or "img_size" not in str(error):
+            raise
+        raise ValueError(
+            f"timm model {name!r} has a fixed input size and does not take img_size, so it "
+            f"cannot be built for {image_size}x{image_size} images; choose one that does "
+            "(ViTs do) or one that pools globally (a CNN)"
+        ) from error
+    return built

@@ -1,4 +1,4 @@
-"""The inner-solver registry: ``@inner_solver("name")``, lookups by name, and capabilities.
+"""The inner-solver registry: ``@inner_solver``, lookups by name, and capabilities.
 
 Like timm's ``@register_model``, the decorator records a plain function and returns it unchanged,
 so a solver stays an ordinary, testable function. What a solver can do beyond its signature
@@ -11,7 +11,7 @@ import inspect
 import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, overload
 
 from torch import Tensor
 
@@ -87,13 +87,35 @@ _DECLARED: weakref.WeakKeyDictionary[Callable[..., Params], _SolverSpec] = (
 )
 
 
+@overload
+def inner_solver(name: SolverT, /) -> SolverT: ...
+
+
+@overload
 def inner_solver(
-    name: str, *, overwrite: bool = False, vmappable: bool = True, reason: str | None = None
-) -> Callable[[SolverT], SolverT]:
-    """Register an inner solver under ``name``; the function is returned unchanged.
+    name: str | None = None,
+    *,
+    overwrite: bool = False,
+    vmappable: bool = True,
+    reason: str | None = None,
+) -> Callable[[SolverT], SolverT]: ...
+
+
+def inner_solver(
+    name: str | SolverT | None = None,
+    *,
+    overwrite: bool = False,
+    vmappable: bool = True,
+    reason: str | None = None,
+) -> SolverT | Callable[[SolverT], SolverT]:
+    """Register an inner solver, by default under its function's name; it is returned unchanged.
+
+    Like timm's ``@register_model``: ``@inner_solver`` and ``@inner_solver()`` register the
+    function under its ``__name__``, ``@inner_solver("name")`` under ``"name"``.
 
     Args:
-        name: Name for ``ImplicitMetaOptimizer(inner=name)``.
+        name: Name for ``ImplicitMetaOptimizer(inner=name)``; default the function's name.
+            (Used bare, as ``@inner_solver``, this is the function itself.)
         overwrite: Replace an existing registration of the same name instead of raising.
         vmappable: Whether the solver can run under ``torch.func.vmap``. ``False`` makes
             :meth:`ImplicitMetaOptimizer.meta_backward_batch` loop over tasks without trying
@@ -102,11 +124,13 @@ def inner_solver(
             quoted in the warning of a ``strategy="vmap"`` call that falls back to the loop.
 
     Returns:
-        A decorator that records the function and returns it as it was.
+        A decorator that records the function and returns it as it was; used bare, the
+        function itself, registered.
 
     Raises:
-        ValueError: If ``name`` is empty or already taken (and ``overwrite`` is false), or
-            ``reason`` is missing with ``vmappable=False`` or given with ``vmappable=True``.
+        ValueError: If ``name`` is empty or already taken (and ``overwrite`` is false), the
+            function has no usable name (a lambda) and none is given, or ``reason`` is missing
+            with ``vmappable=False`` or given with ``vmappable=True``.
         TypeError: If ``vmappable`` is not a bool.
 
     Example:
@@ -120,24 +144,45 @@ def inner_solver(
         >>> "gd_doc_example" in list_inner_solvers()
         True
         >>> unregister_inner_solver("gd_doc_example")
+        >>> @inner_solver
+        ... def keep_start(objective, params, *, steps, lr):
+        ...     return params
+        >>> get_inner_solver("keep_start") is keep_start
+        True
+        >>> unregister_inner_solver("keep_start")
     """
-    if not isinstance(name, str) or not name:
+    if callable(name):
+        # Used bare: ``@inner_solver`` hands the function over as ``name``.
+        return inner_solver()(name)
+    if name is not None and (not isinstance(name, str) or not name):
         raise ValueError(f"inner solver name must be a non-empty string, got {name!r}")
     spec = _spec(vmappable, reason)
 
     def register(fn: SolverT) -> SolverT:
         if not callable(fn):
             raise TypeError(f"inner solver {name!r} must be callable, got {type(fn).__name__}")
-        if name in _REGISTRY and not overwrite and _REGISTRY[name] is not fn:
+        key = name if name is not None else _function_name(fn)
+        if key in _REGISTRY and not overwrite and _REGISTRY[key] is not fn:
             raise ValueError(
-                f"an inner solver named {name!r} is already registered; "
+                f"an inner solver named {key!r} is already registered; "
                 "pass overwrite=True to replace it"
             )
-        _REGISTRY[name] = fn
-        _SPECS[name] = spec
+        _REGISTRY[key] = fn
+        _SPECS[key] = spec
         return fn
 
     return register
+
+
+def _function_name(fn: Callable[..., Params]) -> str:
+    """The name ``@inner_solver`` without a name registers ``fn`` under."""
+    found = getattr(fn, "__name__", None)
+    if not isinstance(found, str) or not found.isidentifier():
+        raise ValueError(
+            f"the inner solver {fn!r} has no name of its own (a lambda or a callable object); "
+            'register it with a name: inner_solver("my_solver")(fn)'
+        )
+    return found
 
 
 def declare_solver(
