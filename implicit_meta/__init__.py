@@ -12,6 +12,7 @@ from implicit_meta.functional.adjoint import ImplicitAdjoint
 from implicit_meta.functional.cg import CGStatus
 from implicit_meta.losses import OutputLoss, output_loss
 from implicit_meta.optimizer import ImplicitMetaOptimizer
+from implicit_meta.problem import InnerProblem
 from implicit_meta.result import MetaBackwardResult
 from implicit_meta.solvers import (
     get_inner_solver,
@@ -29,6 +30,7 @@ __all__ = [
     "CGStatus",
     "ImplicitAdjoint",
     "ImplicitMetaOptimizer",
+    "InnerProblem",
     "MetaBackwardResult",
     "OutputLoss",
     "__version__",

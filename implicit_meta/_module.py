@@ -239,7 +239,8 @@ def functional_inner_loss(
         return value
 
     def criterion(out: Tensor) -> Tensor:
-        return check_scalar_loss(criterion_fn(out, targets), what)
+        # An outer loss's (loss, aux) criterion may serve as the inner loss: aux is dropped.
+        return split_loss_and_aux(criterion_fn(out, targets), what)[0]
 
     return ComposedLoss(outputs, criterion)
 

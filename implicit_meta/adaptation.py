@@ -20,13 +20,19 @@ import torch
 from torch import Tensor, nn
 
 from implicit_meta._module import LossFn, check_batch, functional_loss, split_state
-from implicit_meta._settings import check_inner_solver, validated_settings
-from implicit_meta.functional._checks import check_real
+from implicit_meta._partial_task import (
+    HeadSplit,
+    find_head_split,
+    head_inner_loss,
+    head_split_mismatch,
+)
 from implicit_meta.functional._tree import Params, tree_norm
 from implicit_meta.functional.adjoint import stationarity
 from implicit_meta.functional.curvature import _grad_and_value
 from implicit_meta.functional.implicit import _ratio, _start_gradient, solve_inner
-from implicit_meta.solvers.resolve import InnerSpec, resolve_inner_solver
+from implicit_meta.losses import OutputLoss, split_batch
+from implicit_meta.problem import AdaptSpec, InnerProblem, adapted_parameter_names
+from implicit_meta.solvers.resolve import InnerSpec
 
 
 @dataclass(frozen=True)
@@ -107,27 +113,20 @@ def adapt_with_solver(
     model: nn.Module,
     loss_fn: LossFn,
     support: Any,
-    solver: Callable[..., Params],
-    *,
-    reg: float,
-    steps: int,
-    lr: float,
-    solver_options: Mapping[str, Any] | None = None,
-    compile_objective: bool = False,
+    problem: InnerProblem,
+    adapted: tuple[str, ...],
+    split: HeadSplit | None = None,
 ) -> AdaptedModel:
-    """:func:`adapt` with a resolved, checked solver (what the meta-optimizer calls).
+    """:func:`adapt` with a validated problem and resolved names (what the meta-optimizer calls).
 
     Args:
-        model: The model to adapt (its trainable parameters are ``theta``).
+        model: The model to adapt (its adapted parameters are ``theta``).
         loss_fn: ``loss_fn(module, batch) -> scalar tensor``.
         support: The task's support batch.
-        solver: The inner solver function.
-        reg: Proximal strength.
-        steps: Inner steps.
-        lr: Inner learning rate.
-        solver_options: Extra keyword arguments for the solver.
-        compile_objective: Compile the inner objective (see
-            :func:`~implicit_meta.functional.solve_inner`).
+        problem: The inner problem (``reg``, solver, steps, rate, options).
+        adapted: The names of the parameters that adapt; the other trainable ones stay.
+        split: The model's head split, when the adapted parameters are its classifier and
+            ``loss_fn`` is an :func:`~implicit_meta.output_loss`: the body then runs once.
 
     Returns:
         The adapted model.
@@ -140,17 +139,31 @@ def adapt_with_solver(
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
     check_batch(support, "support")
-    theta, frozen, buffers = split_state(model)
-    inner_loss = functional_loss(model, loss_fn, support, frozen, buffers, "loss_fn")
+    trainable, frozen, buffers = split_state(model)
+    theta = {k: trainable[k] for k in adapted}
+    constants = {**frozen, **{k: v for k, v in trainable.items() if k not in theta}}
+    inner_loss: Callable[[Params], Tensor]
+    if split is not None and isinstance(loss_fn, OutputLoss):
+        inputs, targets = split_batch(support)
+        state = {**constants, **theta, **{k: v.clone() for k, v in buffers.items()}}
+        with torch.no_grad():
+            features = split.features(state, inputs)
+        head_constants = {k: v for k, v in frozen.items() if k.startswith(split.prefix)}
+        head_loss = head_inner_loss(split, loss_fn, features, targets)
+
+        def inner_loss(params: Params) -> Tensor:
+            return head_loss({**head_constants, **params})
+    else:
+        inner_loss = functional_loss(model, loss_fn, support, constants, buffers, "loss_fn")
     phi = solve_inner(
         inner_loss,
         theta,
-        solver,
-        reg=reg,
-        steps=steps,
-        lr=lr,
-        solver_options=dict(solver_options or {}),
-        compile_objective=compile_objective,
+        problem.solver_fn,
+        reg=problem.reg,
+        steps=problem.steps or 0,
+        lr=float(problem.lr or 0.0),
+        solver_options=dict(problem.options or {}),
+        compile_objective=problem.compile,
     )
     with torch.no_grad():
         value = inner_loss(phi)
@@ -161,10 +174,10 @@ def adapt_with_solver(
         params={name: tensor.detach() for name, tensor in phi.items()},
         inner_loss=value.detach(),
         _theta=theta,
-        _frozen=frozen,
+        _frozen=constants,
         _buffers=buffers,
         _objective=inner_loss,
-        _reg=reg,
+        _reg=problem.reg,
     )
 
 
@@ -174,15 +187,16 @@ def adapt(
     support: Any,
     *,
     reg: float,
-    inner: InnerSpec = "sgd",
-    inner_steps: int = 16,
-    inner_lr: float = 0.1,
+    inner: InnerSpec | None = None,
+    inner_steps: int | None = None,
+    inner_lr: float | None = None,
     inner_options: Mapping[str, Any] | None = None,
+    adapt: AdaptSpec = "all",
 ) -> AdaptedModel:
     """Adapt ``model`` to one task's support batch with an inner solver, nothing else.
 
     Solves ``argmin_phi L_in(phi) + reg/2 ||phi - theta||^2`` from ``theta`` (the model's
-    trainable parameters) as :class:`~implicit_meta.ImplicitMetaOptimizer` does in
+    adapted parameters) as :class:`~implicit_meta.ImplicitMetaOptimizer` does in
     meta-training, with the same solvers and checks, but without an outer optimizer or a
     meta-gradient: the test-time half of iMAML. The model is not changed.
 
@@ -192,17 +206,21 @@ def adapt(
         support: The task's support batch.
         reg: Proximal strength ``lambda > 0``, as in meta-training.
         inner: A registered solver name, a solver function or a ``torch.optim.Optimizer``
-            subclass (see :class:`~implicit_meta.ImplicitMetaOptimizer`).
-        inner_steps: Inner steps.
-        inner_lr: Inner learning rate.
+            subclass (see :class:`~implicit_meta.InnerProblem`; default ``"sgd"``, or
+            ``"newton"`` when only part of the model adapts).
+        inner_steps: Inner steps (default 16, or 8 Newton steps for a part).
+        inner_lr: Inner learning rate (default 0.1, or 1.0 for Newton steps).
         inner_options: Extra keyword arguments for the solver.
+        adapt: Which parameters adapt (see :attr:`~implicit_meta.InnerProblem.adapt`); the
+            others keep their values.
 
     Returns:
         The adapted model, with its stationarity.
 
     Raises:
         ValueError: For an invalid setting, an unknown solver or option, an SGD step that
-            diverges on the proximal term, an empty batch, or a non-finite inner loss.
+            diverges on the proximal term, an ``adapt`` that selects nothing, an empty batch,
+            or a non-finite inner loss.
         TypeError: If an argument has the wrong type.
 
     Example:
@@ -218,19 +236,19 @@ def adapt(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    reg = check_real(reg, "reg", positive=True)
-    solver, name = resolve_inner_solver(inner)
-    settings = validated_settings(
-        {"inner_steps": inner_steps, "inner_lr": inner_lr, "inner_options": inner_options}
-    )
-    check_inner_solver(solver, name, settings, reg)
-    return adapt_with_solver(
-        model,
-        loss_fn,
-        support,
-        solver,
+    problem = InnerProblem(
+        adapt=adapt,
         reg=reg,
-        steps=settings["inner_steps"],
-        lr=settings["inner_lr"],
-        solver_options=settings["inner_options"],
+        solver=inner,
+        steps=inner_steps,
+        lr=inner_lr,
+        options=inner_options,
     )
+    adapted = adapted_parameter_names(model, problem.adapt)
+    split = find_head_split(model, adapted) if problem.partial else None
+    if split is not None and isinstance(loss_fn, OutputLoss):
+        trainable, frozen, buffers = split_state(model)
+        state = {**trainable, **frozen, **buffers}
+        if head_split_mismatch(split, state, split_batch(support)[0]) is not None:
+            split = None  # the whole model per inner step: exact for any forward
+    return adapt_with_solver(model, loss_fn, support, problem, adapted, split)

@@ -26,6 +26,7 @@ from implicit_meta.distributed import launch_rank, launch_world_size
 from implicit_meta.fewshot.checkpoint import load_checkpoint
 from implicit_meta.fewshot.checks import check_config
 from implicit_meta.fewshot.config import (
+    ADAPT_CHOICES,
     DATASETS,
     DEVICES,
     LR_SCHEDULES,
@@ -35,8 +36,8 @@ from implicit_meta.fewshot.config import (
 )
 from implicit_meta.fewshot.device import DeviceUnavailableError
 from implicit_meta.fewshot.evaluation import EvaluationResult
-from implicit_meta.fewshot.loading import evaluate_checkpoint
-from implicit_meta.fewshot.run_files import BEST_NAME, CHECKPOINT_NAME
+from implicit_meta.fewshot.loading import evaluate_checkpoint, resolve_checkpoint
+from implicit_meta.fewshot.run_files import CHECKPOINT_NAME
 from implicit_meta.fewshot.trainer import train
 from implicit_meta.functional.curvature import CURVATURES
 from implicit_meta.functional.hvp import HVP_MODES
@@ -146,6 +147,15 @@ def _add_train(subparsers: Any) -> None:
         help=(
             "meta learning rate: cosine decay from --meta-lr to 0 over --meta-steps, or "
             f"constant (default: {_DEFAULTS.lr_schedule})"
+        ),
+    )
+    parser.add_argument(
+        "--adapt",
+        choices=ADAPT_CHOICES,
+        help=(
+            "what adapts per task: all parameters, or the classifier head on a shared body "
+            "meta-learned through the exact implicit gradient; the head takes dense Newton steps "
+            f"unless --inner is given (default: {_DEFAULTS.adapt})"
         ),
     )
     parser.add_argument(
@@ -275,6 +285,7 @@ def _train_config(args: argparse.Namespace, out: Path) -> TrainConfig:
         "compile_inner",
         "curvature",
         "hvp",
+        "adapt",
     }
     given = {k: v for k, v in vars(args).items() if k in fields}
     if getattr(args, "resume", False):
@@ -347,22 +358,10 @@ def _baseline_line(trained: EvaluationResult, baseline: EvaluationResult) -> str
     )
 
 
-def _checkpoint_path(given: str, which: str) -> Path:
-    path = Path(given)
-    if not path.is_dir():
-        return path
-    best, last = path / BEST_NAME, path / CHECKPOINT_NAME
-    if which == "best" and best.is_file():
-        return best
-    if not last.is_file():
-        raise FileNotFoundError(f"{path} holds no {CHECKPOINT_NAME}; is it a run folder?")
-    return last
-
-
 def _run_evaluate(args: argparse.Namespace) -> int:
     if args.episodes < 1:
         raise ValueError(f"--episodes must be positive, got {args.episodes}")
-    checkpoint = _checkpoint_path(args.checkpoint, args.which)
+    checkpoint = resolve_checkpoint(args.checkpoint, args.which)
     options: dict[str, Any] = {
         "episodes": args.episodes,
         "device": args.device,

@@ -17,8 +17,11 @@ from torch import Tensor, nn
 
 __all__ = ["OutputLoss", "output_loss", "split_batch"]
 
-Criterion = Callable[[Tensor, Any], Tensor]
-"""``criterion(outputs, targets) -> scalar tensor``, e.g. ``torch.nn.functional.cross_entropy``."""
+Criterion = Callable[[Tensor, Any], Any]
+"""``criterion(outputs, targets) -> scalar tensor``, e.g. ``torch.nn.functional.cross_entropy``.
+
+An outer loss may also return ``(scalar tensor, aux)``, as any ``loss_fn`` may.
+"""
 
 
 def split_batch(batch: Any) -> tuple[Any, Any]:
@@ -70,7 +73,7 @@ class OutputLoss:
 
     criterion: Criterion
 
-    def __call__(self, module: nn.Module, batch: Any) -> Tensor:
+    def __call__(self, module: nn.Module, batch: Any) -> Any:
         """The loss of ``module`` on ``batch = (inputs, targets)``."""
         inputs, targets = split_batch(batch)
         return self.criterion(module(inputs), targets)

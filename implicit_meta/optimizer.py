@@ -20,8 +20,16 @@ from implicit_meta._module import (
     functional_loss_and_aux,
     split_state,
 )
+from implicit_meta._partial_task import (
+    HeadSplit,
+    TaskFn,
+    find_head_split,
+    general_task,
+    head_losses,
+    head_split_mismatch,
+    head_task,
+)
 from implicit_meta._settings import (
-    check_inner_solver,
     check_model_and_optimizer,
     resolve_adjoint,
     saved_settings,
@@ -34,10 +42,16 @@ from implicit_meta.functional._tree import Params
 from implicit_meta.functional.adjoint import ImplicitAdjoint
 from implicit_meta.functional.curvature import CurvatureFn, resolve_curvature
 from implicit_meta.functional.implicit import TaskGradient, task_meta_gradient
+from implicit_meta.losses import split_batch
+from implicit_meta.problem import (
+    AdaptSpec,
+    InnerProblem,
+    adapted_parameter_names,
+    resolve_problem,
+)
 from implicit_meta.result import MetaBackwardResult
 from implicit_meta.solvers.registry import vmap_unsupported_reason
 from implicit_meta.solvers.resolve import InnerSpec as InnerSpec
-from implicit_meta.solvers.resolve import resolve_inner_solver
 
 
 def _result(tasks: TaskGradient) -> MetaBackwardResult:
@@ -75,8 +89,13 @@ class ImplicitMetaOptimizer:
     curvature ``"auto"`` picks) or ``adjoint=ImplicitAdjoint(curvature=...)``; it is exact where
     the theory holds, a smooth inner problem solved to stationarity.
 
-    Parameters with ``requires_grad=False`` are not meta-parameters: they are used as constants,
-    never adapted, and get no ``.grad``.
+    What adapts, ``reg`` and the inner solver form the :class:`~implicit_meta.InnerProblem`
+    (``problem=``, or the shorthands ``adapt=``, ``reg=``, ``inner=``, ``inner_steps=``,
+    ``inner_lr=``, ``inner_options=``, ``compile_inner=``). With ``adapt="head"`` (or names, a
+    submodule, a predicate) only those parameters adapt per task; the other trainable ones are
+    shared meta-parameters, meta-learned through the exact implicit function theorem (the
+    guide *Adapt part of the network*). Parameters with ``requires_grad=False`` are not
+    meta-parameters: they are used as constants, never adapted, and get no ``.grad``.
 
     Buffers: every evaluation starts from a fresh copy of the model's buffers, and updates made
     during it are discarded, so the inner loop, the outer loss and the Hessian products never
@@ -87,16 +106,19 @@ class ImplicitMetaOptimizer:
     Args:
         model: The model whose trainable parameters are the meta-parameters.
         outer_optimizer: Any ``torch.optim`` optimizer over (some of) the model's parameters.
-        reg: Proximal regularisation strength ``lambda > 0`` (shorthand for ``adjoint.reg``;
-            default 2).
-        inner: Inner solver: a registered name (see :func:`list_inner_solvers`: ``"sgd"``,
+        reg: Proximal regularisation strength ``lambda > 0`` (shorthand for ``problem.reg``;
+            default 2, or the ``reg`` of an ``adjoint=`` that sets one).
+        inner: Inner solver (default ``"sgd"``, or dense ``"newton"`` for partial adaptation):
+            a registered name (see :func:`list_inner_solvers`: ``"sgd"``,
             ``"adam"``, ``"lbfgs"``, ``"newton_cg"``, ...), a solver function
             ``solver(objective, params, *, steps, lr, **options)``, or a ``torch.optim.Optimizer``
             subclass such as ``torch.optim.Adam`` (run on detached copies; see
             :func:`torch_optimizer_solver`).
-        inner_steps: Inner solver steps per task (``0`` gives ``phi* = theta``).
-        inner_lr: Inner learning rate (for ``"lbfgs"`` and ``"newton_cg"``, the first step length
-            of the line search, where ``1.0`` is natural).
+        inner_steps: Inner solver steps per task (``0`` gives ``phi* = theta``; default 16, or
+            8 Newton steps for partial adaptation).
+        inner_lr: Inner learning rate (default 0.1, or 1.0 for Newton steps); for
+            ``"lbfgs"``, ``"newton"`` and ``"newton_cg"``, the first step length of the line
+            search, where ``1.0`` is natural.
         inner_options: Extra keyword arguments for the inner solver, e.g. ``{"momentum": 0.9}``;
             checked against the solver's signature here (a torch.optim solver: its
             constructor's arguments and values), so a misspelt key fails at construction.
@@ -112,16 +134,20 @@ class ImplicitMetaOptimizer:
             shapes reuse, so worth it for long runs only (``docs/benchmarks.md``). Applies to
             tasks solved one by one; under vmap the inner step stays eager (see
             :func:`implicit_meta.functional.solve_inner`).
-        adjoint: The whole linear-solve setting; give either it or the shorthands.
+        adapt: Which parameters adapt (see :attr:`InnerProblem.adapt`; default ``"all"``).
+        problem: The whole inner problem; give either it or its shorthands.
+        adjoint: The whole linear-solve setting; give either it or its shorthands
+            (``cg_steps=``, ``cg_tol=``, ``hvp=``). Its ``reg`` is replaced by the problem's.
 
     Raises:
         ValueError: If a setting is out of range, the solver name is unknown, ``inner_options``
             holds a key the solver does not take (the message lists those it takes) or a value
             a torch.optim solver rejects, an SGD momentum is outside ``[0, 1)``, an SGD inner
             step diverges on the proximal term (``inner_lr * reg >= 2`` without momentum), the
-            model
-            has no trainable parameters, the outer optimizer holds tensors that are not the
-            model's, or ``adjoint=`` comes with shorthands.
+            model has no trainable parameters, the outer optimizer holds tensors that are not the
+            model's, ``adjoint=`` or ``problem=`` comes with its shorthands, the problem's and
+            the adjoint's ``reg`` disagree, or ``adapt=`` selects no trainable parameter (or
+            every one, under the name ``"head"``).
         TypeError: If an argument has the wrong type.
 
     Example:
@@ -145,51 +171,86 @@ class ImplicitMetaOptimizer:
         model: nn.Module,
         outer_optimizer: torch.optim.Optimizer,
         reg: float | None = None,
-        inner: InnerSpec = "sgd",
-        inner_steps: int = 16,
-        inner_lr: float = 0.1,
+        inner: InnerSpec | None = None,
+        inner_steps: int | None = None,
+        inner_lr: float | None = None,
         inner_options: Mapping[str, Any] | None = None,
         cg_steps: int | None = None,
         cg_tol: float | None = None,
         hvp: str | None = None,
-        compile_inner: bool = False,
+        compile_inner: bool | None = None,
         *,
+        adapt: AdaptSpec | None = None,
+        problem: InnerProblem | None = None,
         adjoint: ImplicitAdjoint | None = None,
     ) -> None:
         check_model_and_optimizer(model, outer_optimizer)
         resolved_adjoint = resolve_adjoint(
-            adjoint, {"reg": reg, "cg_steps": cg_steps, "cg_tol": cg_tol, "hvp": hvp}
+            adjoint, {"cg_steps": cg_steps, "cg_tol": cg_tol, "hvp": hvp}
         )
-        settings = validated_settings(
+        resolved_problem = resolve_problem(
+            problem,
             {
-                "inner_steps": inner_steps,
-                "inner_lr": inner_lr,
-                "inner_options": inner_options,
-                "compile_inner": compile_inner,
-            }
+                "adapt": adapt,
+                "reg": reg,
+                "solver": inner,
+                "steps": inner_steps,
+                "lr": inner_lr,
+                "options": inner_options,
+                "compile": compile_inner,
+            },
+            adjoint,
         )
-        solver, inner_name = resolve_inner_solver(inner)
-        check_inner_solver(solver, inner_name, settings, resolved_adjoint.reg)
+        adapted = adapted_parameter_names(model, resolved_problem.adapt)
         self.model = model
         self.outer_optimizer = outer_optimizer
-        self._solver = solver
-        self._inner_name = inner_name
-        self._apply_settings(settings, resolved_adjoint)
+        self._apply_settings(resolved_problem, resolved_adjoint, adapted)
         self._warned: set[str] = set()
         self._vmap_failure: str | None = None
         self._curvature_in_use: str | CurvatureFn = self.adjoint.curvature
 
-    def _apply_settings(self, settings: Mapping[str, Any], adjoint: ImplicitAdjoint) -> None:
-        self.adjoint: ImplicitAdjoint = adjoint
-        self.inner_steps: int = settings["inner_steps"]
-        self.inner_lr: float = settings["inner_lr"]
-        self.inner_options: dict[str, Any] = settings["inner_options"]
-        self.compile_inner: bool = settings["compile_inner"]
+    def _apply_settings(
+        self, problem: InnerProblem, adjoint: ImplicitAdjoint, adapted: tuple[str, ...]
+    ) -> None:
+        self.problem: InnerProblem = problem
+        # reg belongs to the inner problem; the adjoint's system is scaled by the same value.
+        self.adjoint: ImplicitAdjoint = (
+            adjoint if adjoint.reg == problem.reg else adjoint.replace(reg=problem.reg)
+        )
+        self._adapted = adapted
+        # The head split is checked against the model once, on the first task.
+        self._head_split: HeadSplit | None = None
+        self._head_split_checked = False
+
+    @property
+    def adapted(self) -> tuple[str, ...]:
+        """The names of the adapted parameters (every trainable one for ``adapt="all"``)."""
+        return self._adapted
+
+    @property
+    def inner_steps(self) -> int:
+        """Inner solver steps per task, ``problem.steps``."""
+        return self.problem.steps or 0
+
+    @property
+    def inner_lr(self) -> float:
+        """The inner learning rate, ``problem.lr``."""
+        return float(self.problem.lr or 0.0)
+
+    @property
+    def inner_options(self) -> dict[str, Any]:
+        """Extra keyword arguments of the inner solver, ``problem.options``."""
+        return dict(self.problem.options or {})
+
+    @property
+    def compile_inner(self) -> bool:
+        """Whether the inner objective is compiled, ``problem.compile``."""
+        return self.problem.compile
 
     @property
     def reg(self) -> float:
-        """The proximal strength, ``adjoint.reg``."""
-        return self.adjoint.reg
+        """The proximal strength, ``problem.reg``."""
+        return self.problem.reg
 
     @property
     def cg_steps(self) -> int:
@@ -209,7 +270,7 @@ class ImplicitMetaOptimizer:
     @property
     def inner(self) -> Callable[..., Params]:
         """The inner solver function in use."""
-        return self._solver
+        return self.problem.solver_fn
 
     def _trainable(self) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
@@ -227,7 +288,8 @@ class ImplicitMetaOptimizer:
         # differentiable) on their first evaluation, the gradient at theta, with the same
         # messages; a dtype clash between model and batch is named when torch trips over it.
         with naming_dtype_errors(theta, support, query):
-            return self._task_function(loss_fn, outer_loss_fn)(support, query, buffers, theta)
+            one_task = self._task_function(loss_fn, outer_loss_fn, support)
+            return one_task(support, query, buffers, theta)
 
     def _check_curvature(
         self, loss_fn: LossFn, support: Any, frozen: Params, buffers: Params
@@ -397,16 +459,21 @@ class ImplicitMetaOptimizer:
         first_support, first_query = select_task(support, 0), select_task(query, 0)
         check_batch(first_support, "support")
         check_batch(first_query, "query")
-        theta, _, _ = self._split_checked()
-        with naming_dtype_errors(theta, first_support, first_query):
-            self._precheck(loss_fn, outer_loss_fn, first_support, first_query)
+        theta, frozen, buffers = self._split_checked()
         if strategy == "auto":
             strategy = self._auto_strategy(next(iter(theta.values())).device)
+        if strategy == "vmap" or not self.problem.partial:
+            with naming_dtype_errors(theta, first_support, first_query):
+                self._precheck(loss_fn, outer_loss_fn, first_support, first_query)
+        else:
+            # The loop's first task runs outside any transform and fails with the same
+            # messages; a second pass of the body over the first task is not paid for.
+            self._check_curvature(loss_fn, first_support, frozen, buffers)
         tasks: TaskGradient | None = None
         if strategy == "vmap":
             # A failure is remembered: a model that vmap rejects would otherwise pay for a
             # failed vmapped solve at every meta-step.
-            reason = vmap_unsupported_reason(self._solver) or self._vmap_failure
+            reason = vmap_unsupported_reason(self.problem.solver_fn) or self._vmap_failure
             if reason is None:
                 try:
                     tasks = self._solve_tasks_vmap(loss_fn, support, query, outer_loss_fn, count)
@@ -429,7 +496,7 @@ class ImplicitMetaOptimizer:
         return _result(tasks)
 
     def _auto_strategy(self, device: torch.device) -> str:
-        return auto_strategy(self._solver, device)
+        return auto_strategy(self.problem.solver_fn, device)
 
     def _split_checked(self) -> tuple[Params, Params, Params]:
         theta, frozen, buffers = split_state(self.model)
@@ -437,11 +504,12 @@ class ImplicitMetaOptimizer:
             raise ValueError("the model has no trainable parameters (none has requires_grad=True)")
         return theta, frozen, buffers
 
-    def _task_function(
-        self, loss_fn: LossFn, outer_loss_fn: LossFn | None
-    ) -> Callable[[Any, Any, Params, Params], TaskGradient]:
+    def _task_function(self, loss_fn: LossFn, outer_loss_fn: LossFn | None, example: Any) -> TaskFn:
+        """One task's function; ``example`` is a support batch for the one-time split check."""
         _, frozen, _ = self._split_checked()
         outer_name = "outer_loss_fn" if outer_loss_fn is not None else "loss_fn"
+        if self.problem.partial:
+            return self._partial_task_function(loss_fn, outer_loss_fn or loss_fn, example)
 
         def one_task(support: Any, query: Any, buffers: Params, theta: Params) -> TaskGradient:
             inner_loss = functional_inner_loss(
@@ -454,7 +522,7 @@ class ImplicitMetaOptimizer:
                 inner_loss,
                 outer_loss,
                 theta,
-                self._solver,
+                self.problem.solver_fn,
                 self.adjoint,
                 steps=self.inner_steps,
                 lr=self.inner_lr,
@@ -469,15 +537,51 @@ class ImplicitMetaOptimizer:
         self, loss_fn: LossFn, support: Any, query: Any, outer_loss_fn: LossFn | None, count: int
     ) -> TaskGradient:
         theta, _, buffers = self._split_checked()
-        one_task = self._task_function(loss_fn, outer_loss_fn)
+        one_task = self._task_function(loss_fn, outer_loss_fn, select_task(support, 0))
         return vmap_over_tasks(one_task, support, query, theta, buffers, count)
 
     def _solve_tasks_loop(
         self, loss_fn: LossFn, support: Any, query: Any, outer_loss_fn: LossFn | None, count: int
     ) -> TaskGradient:
         theta, _, buffers = self._split_checked()
-        one_task = self._task_function(loss_fn, outer_loss_fn)
+        one_task = self._task_function(loss_fn, outer_loss_fn, select_task(support, 0))
         return loop_over_tasks(one_task, support, query, theta, buffers, count)
+
+    def _partial_task_function(
+        self, loss_fn: LossFn, outer_loss_fn: LossFn, example: Any
+    ) -> TaskFn:
+        _, frozen, _ = self._split_checked()
+        outer_name = "outer_loss_fn" if outer_loss_fn is not loss_fn else "loss_fn"
+        losses = head_losses(loss_fn, outer_loss_fn)
+        split = self._checked_head_split(example) if losses is not None else None
+        if split is not None and losses is not None:
+            inner, outer = losses
+            return head_task(split, inner, outer, outer_name, frozen, self.problem, self.adjoint)
+        return general_task(
+            self.model,
+            loss_fn,
+            outer_loss_fn,
+            outer_name,
+            self._adapted,
+            frozen,
+            self.problem,
+            self.adjoint,
+        )
+
+    def _checked_head_split(self, example: Any) -> HeadSplit | None:
+        # Once per optimizer, outside any transform: is model(x) the classifier of the body's
+        # features? If not, the general split (the whole model per step) stays exact.
+        if not self._head_split_checked:
+            split = find_head_split(self.model, self._adapted)
+            if split is not None:
+                theta, frozen, buffers = self._split_checked()
+                state = {**theta, **frozen, **buffers}
+                reason = head_split_mismatch(split, state, split_batch(example)[0])
+                if reason is not None:
+                    self._warn_once("head_split", reason)
+                    split = None
+            self._head_split, self._head_split_checked = split, True
+        return self._head_split
 
     def _precheck(
         self, loss_fn: LossFn, outer_loss_fn: LossFn | None, support: Any, query: Any
@@ -525,16 +629,11 @@ class ImplicitMetaOptimizer:
         """
         theta, _, _ = self._split_checked()
         with naming_dtype_errors(theta, support, None):
+            split = None
+            if self.problem.partial and head_losses(loss_fn, loss_fn) is not None:
+                split = self._checked_head_split(support)
             return adapt_with_solver(
-                self.model,
-                loss_fn,
-                support,
-                self._solver,
-                reg=self.adjoint.reg,
-                steps=self.inner_steps,
-                lr=self.inner_lr,
-                solver_options=self.inner_options,
-                compile_objective=self.compile_inner,
+                self.model, loss_fn, support, self.problem, self._adapted, split
             )
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -560,12 +659,14 @@ class ImplicitMetaOptimizer:
         """The current settings as plain Python values (what :meth:`state_dict` stores).
 
         Returns:
-            A dict with ``inner`` (its name, or ``None`` for an unregistered function),
-            ``inner_steps``, ``inner_lr``, ``inner_options``, ``compile_inner`` and ``adjoint``
-            (:meth:`ImplicitAdjoint.to_dict`).
+            A dict with ``adapt`` (``"all"``, ``"head"``, or the adapted names), ``inner`` (the
+            solver's name, or ``None`` for an unregistered function), ``inner_steps``,
+            ``inner_lr``, ``inner_options``, ``compile_inner`` and ``adjoint``
+            (:meth:`ImplicitAdjoint.to_dict`, whose ``reg`` is the problem's).
         """
         return {
-            "inner": self._inner_name,
+            "adapt": self.problem.to_dict(self._adapted)["adapt"],
+            "inner": self.problem.solver_name,
             "inner_steps": self.inner_steps,
             "inner_lr": self.inner_lr,
             "inner_options": dict(self.inner_options),
@@ -603,10 +704,17 @@ class ImplicitMetaOptimizer:
             raw["adjoint"], curvature=None if isinstance(current, str) else current
         )
         inner_name = raw.get("inner")
-        solver, name = (self._solver, self._inner_name)
-        if inner_name is not None:
-            solver, name = resolve_inner_solver(str(inner_name))
-        check_inner_solver(solver, name, settings, adjoint.reg)
+        adapt = raw.get("adapt", "all")
+        problem = InnerProblem(
+            adapt=tuple(adapt) if isinstance(adapt, list) else adapt,
+            reg=adjoint.reg,
+            solver=self.problem.solver_fn if inner_name is None else str(inner_name),
+            steps=settings["inner_steps"],
+            lr=settings["inner_lr"],
+            options=settings["inner_options"],
+            compile=settings["compile_inner"],
+        )
+        adapted = adapted_parameter_names(self.model, problem.adapt)
         # Loading the optimizer can still fail (mismatched groups); it validates before writing.
         backup = copy.deepcopy(self.outer_optimizer.state_dict())
         try:
@@ -614,5 +722,4 @@ class ImplicitMetaOptimizer:
         except Exception:
             self.outer_optimizer.load_state_dict(backup)
             raise
-        self._solver, self._inner_name = solver, name
-        self._apply_settings(settings, adjoint)
+        self._apply_settings(problem, adjoint, adapted)

@@ -129,11 +129,15 @@ CALLS: dict[str, tuple[Callable[..., Any], type[Exception], str]] = {
 
 
 def _with(meta: im.ImplicitMetaOptimizer, **changes: Any) -> im.ImplicitMetaOptimizer:
+    # Bypasses the problem's checks on purpose: these settings fail only inside a solve.
     clone = copy.copy(meta)
+    problem = copy.copy(meta.problem)
     if "solver" in changes:
-        clone._solver = changes.pop("solver")
-    for key, value in changes.items():
-        setattr(clone, key, value)
+        object.__setattr__(problem, "_solver_fn", changes.pop("solver"))
+    if "inner_lr" in changes:
+        object.__setattr__(problem, "lr", changes.pop("inner_lr"))
+    assert not changes, changes
+    clone.problem = problem
     return clone
 
 
@@ -154,9 +158,14 @@ BAD_SETTINGS: dict[str, tuple[dict[str, Any], type[Exception], str]] = {
     "reg string": ({"reg": "2"}, TypeError, "reg must be a real number"),
     "cg_steps negative": ({"cg_steps": -1}, ValueError, "cg_steps must be at least 0"),
     "adjoint and shorthand": (
-        {"adjoint": im.ImplicitAdjoint(), "reg": 1.0},
+        {"adjoint": im.ImplicitAdjoint(), "cg_steps": 3},
         ValueError,
-        "reg= given beside adjoint=",
+        "cg_steps= given beside adjoint=",
+    ),
+    "adjoint and problem disagree on reg": (
+        {"adjoint": im.ImplicitAdjoint(reg=3.0), "reg": 1.0},
+        ValueError,
+        "disagree",
     ),
     "adjoint not an adjoint": ({"adjoint": {"reg": 1.0}}, TypeError, "must be an ImplicitAdjoint"),
     "sgd step diverges": ({"reg": 10.0, "inner_lr": 0.2}, ValueError, "inner_lr \\* reg = 2"),

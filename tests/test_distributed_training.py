@@ -34,6 +34,8 @@ CONFIG = TrainConfig(
     meta_steps=1, meta_lr=0.01, time_budget=0, eval_episodes=0, threads=1, device="cpu",
     seed=5, log_every=1, checkpoint_every=2,
 )  # fmt: skip
+# The head adapted by its default solver (dense Newton), the body meta-learned exactly.
+HEAD_CONFIG = CONFIG.replace(adapt="head", inner_steps=None, cg_steps=10)
 TINY = [
     "--backbone", "conv4-8", "--ways", "3", "--shots", "1", "--queries", "2",
     "--inner-steps", "2", "--cg-steps", "2", "--threads", "1", "--no-progress",
@@ -78,6 +80,7 @@ def _worker(rank: int, port: int, out: str) -> None:
         torch.save(state, root / f"{name}-rank{rank}.pt")
 
     run("one", CONFIG)
+    run("head", HEAD_CONFIG)
     constant = CONFIG.replace(lr_schedule="constant", meta_steps=4, eval_episodes=5)
     run("straight", constant)
     run("split", constant.replace(meta_steps=2))
@@ -101,15 +104,16 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def _single_process_step() -> dict[str, torch.Tensor]:
+def _single_process_step(config: TrainConfig | None = None) -> dict[str, torch.Tensor]:
     """One step in this process over the tasks the two ranks drew, concatenated."""
+    config = config or CONFIG
     splits = _splits()
-    torch.manual_seed(CONFIG.seed)
-    model = build_model(CONFIG, splits.train.image_shape)
-    meta = build_meta_optimizer(model, CONFIG)
-    share = CONFIG.meta_batch // WORLD
+    torch.manual_seed(config.seed)
+    model = build_model(config, splits.train.image_shape)
+    meta = build_meta_optimizer(model, config)
+    share = config.meta_batch // WORLD
     parts = [
-        EpisodeSampler(splits.train, 3, 1, 2, CONFIG.seed, "cpu", rank=r).sample(share)
+        EpisodeSampler(splits.train, 3, 1, 2, config.seed, "cpu", rank=r).sample(share)
         for r in range(WORLD)
     ]
     fields = ("xs", "ys", "xq", "yq", "classes")
@@ -135,6 +139,15 @@ def test_one_step_is_identical_on_both_ranks_and_equals_one_process(runs: Path) 
             assert err <= 1e-6 * max(float(value.norm()), 1e-12), (name, err)
             if name.endswith("weight"):
                 assert not torch.equal(value, before[name])  # the step moved it
+
+
+def test_head_only_step_is_identical_on_both_ranks_and_equals_one_process(runs: Path) -> None:
+    ranks = [torch.load(runs / f"head-rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    reference = _single_process_step(HEAD_CONFIG)
+    for name, value in reference.items():
+        assert torch.equal(ranks[0][name], ranks[1][name]), f"{name} differs between ranks"
+        err = float((ranks[0][name] - value).norm())
+        assert err <= 1e-6 * max(float(value.norm()), 1e-12), (name, err)
 
 
 def test_rank_zero_writes_one_checkpoint_with_every_rank_stream(runs: Path) -> None:

@@ -54,8 +54,8 @@ def build_meta_optimizer(model: nn.Module, config: TrainConfig) -> ImplicitMetaO
 
     Args:
         model: The model whose parameters are meta-learned.
-        config: Inner solver, adjoint (``reg``, curvature, damping, CG) and meta-learning
-            settings.
+        config: Inner problem (what adapts, ``reg``, the solver), adjoint (curvature,
+            damping, CG) and meta-learning settings.
 
     Returns:
         The meta-optimizer (Adam over every parameter at ``config.meta_lr``).
@@ -67,18 +67,12 @@ def build_meta_optimizer(model: nn.Module, config: TrainConfig) -> ImplicitMetaO
     Example:
         >>> config = TrainConfig(backbone="conv4-16")
         >>> meta = build_meta_optimizer(build_model(config, (1, 28, 28)), config)
-        >>> meta.inner_steps == config.inner_steps
+        >>> meta.problem == config.inner_problem()
         True
     """
     outer = torch.optim.Adam(model.parameters(), lr=config.meta_lr)
     return ImplicitMetaOptimizer(
-        model,
-        outer,
-        inner=config.inner,
-        inner_steps=config.inner_steps,
-        inner_lr=config.inner_lr,
-        compile_inner=config.compile_inner,
-        adjoint=config.adjoint(),
+        model, outer, problem=config.inner_problem(), adjoint=config.adjoint()
     )
 
 

@@ -2,19 +2,20 @@
 
 :class:`~implicit_meta.fewshot.config.TrainConfig` checks each field alone and
 :func:`~implicit_meta.fewshot.config.check_resumable` compares two configs; these need more
-than the config: the registered backbones and inner solvers, or the number of processes.
+than the config: the registered backbones and inner solvers, the number of processes, or the
+model built for the dataset's images.
 """
 
 from __future__ import annotations
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from implicit_meta.distributed import check_meta_batch_divides
-from implicit_meta.fewshot.builders import build_meta_optimizer
 from implicit_meta.fewshot.config import TrainConfig
 from implicit_meta.models.registry import check_backbone
 
-__all__ = ["check_config", "check_world_size"]
+__all__ = ["check_config", "check_model", "check_world_size"]
 
 
 def check_config(config: TrainConfig) -> None:
@@ -22,8 +23,7 @@ def check_config(config: TrainConfig) -> None:
 
     :class:`TrainConfig` checks each field alone; this checks what needs the library: that the
     backbone and the inner solver exist, that the inner options suit the solver, and that the
-    inner step is stable at ``reg``. It builds the meta-optimizer of a one-parameter model, so
-    it costs nothing.
+    inner step is stable at ``reg``. It builds the inner problem alone, so it costs nothing.
 
     Args:
         config: The run settings.
@@ -39,7 +39,7 @@ def check_config(config: TrainConfig) -> None:
         ValueError: ...sdg...
     """
     check_backbone(config.backbone)
-    build_meta_optimizer(nn.Linear(1, 1), config)
+    config.inner_problem()
 
 
 def check_world_size(config: TrainConfig, world_size: int) -> None:
@@ -64,3 +64,61 @@ def check_world_size(config: TrainConfig, world_size: int) -> None:
         ValueError: the meta-batch of 4 tasks does not divide across 3 processes; ... e.g. 6
     """
     check_meta_batch_divides(config.meta_batch, world_size, setting="--meta-batch")
+
+
+def check_model(
+    model: nn.Module,
+    config: TrainConfig,
+    image_shape: tuple[int, int, int],
+    device: torch.device | str = "cpu",
+) -> None:
+    """Raise unless ``model`` turns a support set of ``image_shape`` images into ``ways`` logits.
+
+    One forward pass on a batch of ``ways * shots`` blank images, in eval mode and without
+    gradients, so that it changes nothing (no BatchNorm statistics, no random draws) and a
+    backbone that cannot take the dataset's images fails before the run folder is created,
+    with one line instead of a traceback from inside meta-training.
+
+    Args:
+        model: The model built for the run (in train mode; left in the mode it was in).
+        config: Names the backbone, the ways and the shots.
+        image_shape: ``(channels, height, width)`` of the dataset's images.
+        device: Where the model's parameters live.
+
+    Raises:
+        ValueError: If the forward pass fails or its output is not ``(ways * shots, ways)``.
+
+    Example:
+        >>> check_model(nn.Sequential(nn.Flatten(), nn.Linear(4, 5)), TrainConfig(), (1, 2, 2))
+        >>> check_model(nn.Sequential(nn.Flatten(), nn.Linear(9, 5)), TrainConfig(), (1, 2, 2))
+        Traceback (most recent call last):
+        ...
+        ValueError: backbone 'conv4-32' cannot classify 1x2x2 images into 5 classes: ...
+    """
+    channels, height, width = image_shape
+    images = torch.zeros((config.ways * config.shots, *image_shape), device=device)
+    what = (
+        f"backbone {config.backbone!r} cannot classify {channels}x{height}x{width} images "
+        f"into {config.ways} classes"
+    )
+    training = model.training
+    try:
+        with torch.no_grad():
+            outputs = model.eval()(images)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except Exception as error:  # whatever the model raises, the remedy is another backbone
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ValueError(
+            f"{what}: {reason} (choose a backbone for this image size; timm CNNs pool "
+            "globally and take any size, and timm: models with a fixed size get img_size)"
+        ) from error
+    finally:
+        model.train(training)
+    expected = (images.shape[0], config.ways)
+    if not isinstance(outputs, Tensor) or tuple(outputs.shape) != expected:
+        got = tuple(outputs.shape) if isinstance(outputs, Tensor) else type(outputs).__name__
+        raise ValueError(
+            f"{what}: its output on a support set of {expected[0]} images is {got}, not the "
+            f"{expected} logits the few-shot loss needs"
+        )

@@ -11,8 +11,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from implicit_meta.functional.adjoint import ImplicitAdjoint, stored_first_order
+from implicit_meta.problem import InnerProblem
 
 __all__ = [
+    "ADAPT_CHOICES",
     "DATASETS",
     "DEVICES",
     "LR_SCHEDULES",
@@ -29,6 +31,15 @@ DATASETS = ("omniglot", "mini-imagenet")
 
 PROTOCOLS = ("paper", "lake")
 """Omniglot character splits (see :func:`implicit_meta.data.load_omniglot`)."""
+
+ADAPT_CHOICES = ("all", "head")
+"""What a run adapts per task: every parameter, or the classifier head on a shared body."""
+
+WHOLE_NETWORK_STEPS = 5
+"""Inner SGD steps of ``adapt="all"`` runs when not given."""
+
+WHOLE_NETWORK_LR = 0.1
+"""Inner SGD learning rate of ``adapt="all"`` runs when not given."""
 
 DEVICES = ("auto", "cpu", "cuda")
 """Device choices; ``"auto"`` is CUDA when available, else the CPU."""
@@ -86,9 +97,13 @@ class TrainConfig:
         shots: Support images per class, K.
         queries: Query images per class.
         backbone: Backbone spec for :func:`implicit_meta.models.build_backbone`.
-        inner: Registered inner solver name (see :func:`implicit_meta.list_inner_solvers`).
-        inner_steps: Inner solver steps per task.
-        inner_lr: Inner learning rate.
+        adapt: ``"all"`` adapts every parameter per task; ``"head"`` adapts the classifier
+            (``get_classifier()``) on features of a shared body, which is meta-learned through
+            the exact implicit function theorem (see :class:`~implicit_meta.InnerProblem`).
+        inner: Registered inner solver name (see :func:`implicit_meta.list_inner_solvers`);
+            ``None``: ``"sgd"`` for ``adapt="all"``, ``"newton"`` (dense Newton) for the head.
+        inner_steps: Inner solver steps per task (``None``: 5 SGD steps, or 8 Newton steps).
+        inner_lr: Inner learning rate (``None``: 0.1 for SGD, 1.0 for Newton steps).
         reg: Proximal regularisation strength lambda.
         curvature: Curvature of the adjoint system: ``"auto"`` (Gauss-Newton for the
             cross-entropy the trainer uses), ``"hessian"`` or ``"gauss_newton"`` (see
@@ -146,9 +161,10 @@ class TrainConfig:
     shots: int = 5
     queries: int = 15
     backbone: str = "conv4-32"
-    inner: str = "sgd"
-    inner_steps: int = 5
-    inner_lr: float = 0.1
+    adapt: str = "all"
+    inner: str | None = None
+    inner_steps: int | None = None
+    inner_lr: float | None = None
     reg: float = 1.0
     curvature: str = "auto"
     damping: float = 0.0
@@ -195,6 +211,7 @@ class TrainConfig:
                     f"{name} must be {kind}{' or None' if optional else ''}, got {value!r}"
                 )
         _check_choice("dataset", self.dataset, DATASETS)
+        _check_choice("adapt", self.adapt, ADAPT_CHOICES)
         _check_choice("protocol", self.protocol, PROTOCOLS)
         _check_choice("device", self.device, DEVICES)
         _check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
@@ -211,14 +228,15 @@ class TrainConfig:
             "seed",
             "threads",
         ):
-            _check_min(name, getattr(self, name), 0)
+            if getattr(self, name) is not None:
+                _check_min(name, getattr(self, name), 0)
         # The adjoint validates its own fields (reg, curvature, damping, cg_steps, hvp, ...).
         self.adjoint()
         if self.queries < 1:
             raise ValueError("queries must be at least 1 (the outer loss needs a query set)")
         for name in ("inner_lr", "meta_lr"):
             value = getattr(self, name)
-            if not math.isfinite(value) or value <= 0:
+            if value is not None and (not math.isfinite(value) or value <= 0):
                 raise ValueError(f"{name} must be a positive finite number, got {value}")
         if not math.isfinite(self.time_budget) or self.time_budget < 0:
             raise ValueError(f"time_budget must be >= 0 seconds, got {self.time_budget}")
@@ -234,6 +252,39 @@ class TrainConfig:
                 f"val_classes={self.val_classes} cannot form {self.ways}-way validation "
                 f"episodes; hold out at least {self.ways} characters"
             )
+
+    def inner_problem(self) -> InnerProblem:
+        """The inner problem of this run: what adapts, ``reg``, the solver and its settings.
+
+        Returns:
+            The validated problem (unset solver settings take the defaults of ``adapt``).
+
+        Raises:
+            ValueError: If the solver is not registered, or its step diverges at ``reg``.
+
+        Example:
+            >>> TrainConfig(adapt="head").inner_problem().solver
+            'newton'
+            >>> TrainConfig().inner_problem().steps
+            5
+        """
+        # The whole network takes this command's SGD defaults; a head takes the problem's own
+        # (dense Newton) unless a solver is named, which then keeps the usual steps and rate.
+        whole = self.adapt == "all" or self.inner is not None
+        solver = self.inner if self.inner is not None else ("sgd" if whole else None)
+        steps = self.inner_steps
+        lr = self.inner_lr
+        if whole:
+            steps = WHOLE_NETWORK_STEPS if steps is None else steps
+            lr = WHOLE_NETWORK_LR if lr is None else lr
+        return InnerProblem(
+            adapt=self.adapt,
+            reg=self.reg,
+            solver=solver,
+            steps=steps,
+            lr=lr,
+            compile=self.compile_inner,
+        )
 
     def adjoint(self) -> ImplicitAdjoint:
         """The linear-solve settings of this run as an :class:`ImplicitAdjoint`.

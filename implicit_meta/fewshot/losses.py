@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from implicit_meta.losses import OutputLoss, output_loss
 
@@ -44,25 +44,23 @@ def accuracy(logits: Tensor, labels: Tensor) -> Tensor:
     return (logits.argmax(dim=-1) == labels).to(torch.float32).mean()
 
 
-def cross_entropy_and_accuracy(module: nn.Module, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
-    """Cross-entropy of ``module`` on ``(x, y)`` with the accuracy as aux output: the outer loss.
+def _cross_entropy_and_accuracy(logits: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    return F.cross_entropy(logits, labels), {"accuracy": accuracy(logits.detach(), labels)}
 
-    The meta-optimizer reports the aux output of the query batch at the adapted parameters
-    (``result.outer_aux["accuracy"]``), from the outer gradient's own forward pass.
 
-    Args:
-        module: Classifier returning logits ``[B, N]``.
-        batch: Images ``[B, ...]`` and int64 labels ``[B]``.
+cross_entropy_and_accuracy: OutputLoss = output_loss(_cross_entropy_and_accuracy)
+"""Cross-entropy of ``module`` on ``(x, y)`` with the accuracy as aux output: the outer loss.
 
-    Returns:
-        The scalar loss and ``{"accuracy": 0-dim float32 tensor}``.
+Called as ``cross_entropy_and_accuracy(module, (images [B, ...], int64 labels [B]))``; returns
+the scalar loss and ``{"accuracy": 0-dim float32 tensor}``. The meta-optimizer reports the aux
+output of the query batch at the adapted parameters (``result.outer_aux["accuracy"]``), from
+the outer gradient's own forward pass. Stated on the model's outputs (an
+:func:`~implicit_meta.output_loss`), so that with ``adapt="head"`` it is evaluated on the
+body's features, computed once per batch.
 
-    Example:
-        >>> loss, aux = cross_entropy_and_accuracy(
-        ...     torch.nn.Identity(), (torch.tensor([[2.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 0])))
-        >>> float(aux["accuracy"])
-        0.5
-    """
-    x, y = batch
-    logits = module(x)
-    return F.cross_entropy(logits, y), {"accuracy": accuracy(logits.detach(), y)}
+Example:
+    >>> loss, aux = cross_entropy_and_accuracy(
+    ...     torch.nn.Identity(), (torch.tensor([[2.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 0])))
+    >>> float(aux["accuracy"])
+    0.5
+"""

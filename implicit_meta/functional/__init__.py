@@ -31,6 +31,7 @@ from implicit_meta.functional.implicit import (
     solve_inner,
     task_meta_gradient,
 )
+from implicit_meta.functional.partial import partial_task_meta_gradient
 
 __all__ = [
     "CURVATURES",
@@ -50,6 +51,7 @@ __all__ = [
     "hvp",
     "implicit_meta_gradient",
     "make_hvp",
+    "partial_task_meta_gradient",
     "proximal_objective",
     "resolve_curvature",
     "resolve_hvp_mode",

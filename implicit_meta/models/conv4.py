@@ -39,6 +39,9 @@ def conv4_feature_size(image_size: int, blocks: int = 4) -> int:
 class Conv4(nn.Module):
     """4 x [conv 3x3 (padding 1), BatchNorm, ReLU, 2x2 max-pool], flatten, linear head.
 
+    It follows timm's split (``forward_features``, ``forward_head``, ``get_classifier``), so
+    ``adapt="head"`` adapts the linear head alone on features computed once per batch.
+
     This is the backbone of the MAML and iMAML few-shot experiments (64 channels there; a
     narrower ``width`` trains faster on a CPU).
 
@@ -103,8 +106,44 @@ class Conv4(nn.Module):
         self.in_channels = in_channels
         self.image_size = image_size
 
+    def forward_features(self, x: Tensor) -> Tensor:
+        """The last conv block's feature map (timm's ``forward_features``).
+
+        Args:
+            x: Images ``[B, in_channels, image_size, image_size]``.
+
+        Returns:
+            Features ``[B, width, side, side]``.
+        """
+        features: Tensor = self.features(x)
+        return features
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """Flatten the feature map and apply the linear head (timm's ``forward_head``).
+
+        Args:
+            x: What :meth:`forward_features` returned.
+            pre_logits: Return the head's input (the flattened features) instead of logits.
+
+        Returns:
+            Logits ``[B, num_classes]``, or features ``[B, width * side * side]``.
+        """
+        flat = torch.flatten(x, 1)
+        if pre_logits:
+            return flat
+        logits: Tensor = self.head(flat)
+        return logits
+
+    def get_classifier(self) -> nn.Module:
+        """The linear head, the part that ``adapt="head"`` adapts (timm's ``get_classifier``).
+
+        Returns:
+            ``self.head``.
+        """
+        return self.head
+
     def forward(self, x: Tensor) -> Tensor:
-        """Logits for a batch of images.
+        """Logits for a batch of images: ``forward_head(forward_features(x))``.
 
         Args:
             x: Images ``[B, in_channels, image_size, image_size]``.
@@ -112,5 +151,4 @@ class Conv4(nn.Module):
         Returns:
             Logits ``[B, num_classes]``.
         """
-        logits: Tensor = self.head(torch.flatten(self.features(x), 1))
-        return logits
+        return self.forward_head(self.forward_features(x))

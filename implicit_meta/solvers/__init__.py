@@ -1,13 +1,15 @@
 """Inner solvers: the registry, the built-in solvers and the torch.optim adapter.
 
 Importing this package registers ``"sgd"``, ``"adam"`` (``first_order.py``), ``"lbfgs"``
-(``lbfgs.py``) and ``"newton_cg"`` (``newton_cg.py``); ``registry.py`` records them and what they
+(``lbfgs.py``), ``"newton_cg"`` (``newton_cg.py``) and ``"newton"`` (``newton.py``, dense, for
+heads); ``registry.py`` records them and what they
 can do, ``torch_optim.py`` adapts any ``torch.optim`` optimizer, and ``resolve.py`` turns the
 meta-optimizer's ``inner=`` into a solver.
 """
 
 from implicit_meta.solvers.first_order import adam, sgd
 from implicit_meta.solvers.lbfgs import lbfgs
+from implicit_meta.solvers.newton import newton
 from implicit_meta.solvers.newton_cg import newton_cg
 from implicit_meta.solvers.registry import (
     InnerSolver,
@@ -31,6 +33,7 @@ __all__ = [
     "inner_solver",
     "lbfgs",
     "list_inner_solvers",
+    "newton",
     "newton_cg",
     "registered_name",
     "sgd",
