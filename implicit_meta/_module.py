@@ -99,6 +99,22 @@ def check_scalar_loss(value: object, what: str) -> Tensor:
     return value
 
 
+def _is_tracked_scalar(value: object) -> bool:
+    return (
+        isinstance(value, Tensor)
+        and value.dim() == 0
+        and value.is_floating_point()
+        and value.requires_grad
+    )
+
+
+def _swapped(loss: object, aux: object) -> bool:
+    # (aux, loss) in the wrong order: only the second element carries a graph. Where nothing is
+    # tracked (under torch.no_grad) neither does, and nothing is concluded. ``requires_grad`` is
+    # metadata, under torch.func transforms too: no host sync.
+    return _is_tracked_scalar(aux) and not _is_tracked_scalar(loss)
+
+
 def split_loss_and_aux(value: object, what: str) -> tuple[Tensor, Any]:
     """Split what a loss function returned into the checked scalar loss and its aux output.
 
@@ -111,7 +127,8 @@ def split_loss_and_aux(value: object, what: str) -> tuple[Tensor, Any]:
 
     Raises:
         TypeError: If the loss is not a tensor, or ``aux`` holds something other than tensors.
-        ValueError: If the loss is not a 0-dim floating-point tensor.
+        ValueError: If the loss is not a 0-dim floating-point tensor, or the pair looks swapped
+            (``(aux, loss)``: only its second element is a scalar with a graph).
 
     Example:
         >>> import torch
@@ -121,6 +138,12 @@ def split_loss_and_aux(value: object, what: str) -> tuple[Tensor, Any]:
     """
     if isinstance(value, tuple) and len(value) == 2:
         loss, aux = value
+        if _swapped(loss, aux):
+            raise ValueError(
+                f"{what} returned a pair whose second element looks like the loss (a scalar "
+                "that depends on the parameters) and whose first does not: the first element "
+                "must be the loss, return (loss, aux)"
+            )
     else:
         loss, aux = value, {}
     leaves = pytree.tree_leaves(aux)

@@ -53,6 +53,43 @@ def check_model_and_optimizer(model: object, outer_optimizer: object) -> None:
                 )
 
 
+def unoptimized_warning(model: nn.Module, outer_optimizer: torch.optim.Optimizer) -> str | None:
+    """The warning for trainable parameters that the outer optimizer does not hold, if any.
+
+    Such parameters adapt to every task and get a ``.grad``, but no outer step ever moves them:
+    the usual intent (meta-learn part of the model, adapt the rest) is ``adapt=``.
+
+    Args:
+        model: The model.
+        outer_optimizer: The outer optimizer (already checked to hold only model parameters).
+
+    Returns:
+        The message naming those parameters and ``adapt=``, or ``None`` when it holds them all.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+        >>> unoptimized_warning(model, torch.optim.SGD(model.parameters(), 0.1)) is None
+        True
+        >>> unoptimized_warning(model, torch.optim.SGD(model[1].parameters(), 0.1))[:29]
+        'the outer optimizer holds 2 o'
+    """
+    held = {id(p) for group in outer_optimizer.param_groups for p in group["params"]}
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    missing = [name for name, param in trainable if id(param) not in held]
+    if not missing:
+        return None
+    shown = ", ".join(repr(name) for name in missing[:3]) + (", ..." if len(missing) > 3 else "")
+    return (
+        f"the outer optimizer holds {len(trainable) - len(missing)} of the model's "
+        f"{len(trainable)} trainable parameters: the other {len(missing)} ({shown}) adapt to "
+        "every task and get a .grad, but are never meta-updated. To meta-learn the whole model "
+        "and adapt only part of it, give the optimizer every trainable parameter and choose "
+        "what adapts with adapt= (ImplicitMetaOptimizer(..., adapt='head') adapts only the "
+        "classifier and meta-learns the rest); to keep parameters fixed, set "
+        "requires_grad_(False) on them"
+    )
+
+
 def saved_settings(saved: Mapping[str, Any]) -> dict[str, Any]:
     """The settings of a state dict, in today's layout, with the keys every layout needs.
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from implicit_meta._diagnostics import eval_mode_warning, naming_batch_errors
 from implicit_meta._module import LossFn, check_batch, functional_loss, split_state
 from implicit_meta._partial_task import (
     HeadSplit,
@@ -26,6 +28,7 @@ from implicit_meta._partial_task import (
     head_inner_loss,
     head_split_mismatch,
 )
+from implicit_meta.functional._stack import user_stacklevel
 from implicit_meta.functional._tree import Params, tree_norm
 from implicit_meta.functional.adjoint import stationarity
 from implicit_meta.functional.curvature import _grad_and_value
@@ -200,6 +203,10 @@ def adapt(
     meta-training, with the same solvers and checks, but without an outer optimizer or a
     meta-gradient: the test-time half of iMAML. The model is not changed.
 
+    A model in eval mode with BatchNorm layers that keep running statistics is adapted with
+    those statistics, which meta-training never updates; that warns (``RuntimeWarning``), since
+    such a model should be adapted in training mode (``model.train()``).
+
     Args:
         model: The (meta-trained) model.
         loss_fn: ``loss_fn(module, batch) -> scalar tensor`` on the support batch.
@@ -220,7 +227,8 @@ def adapt(
     Raises:
         ValueError: For an invalid setting, an unknown solver or option, an SGD step that
             diverges on the proximal term, an ``adapt`` that selects nothing, an empty batch,
-            or a non-finite inner loss.
+            a batch the model cannot take (the message names the fix: float labels, uint8
+            images, a meta-batch of several tasks, ...), or a non-finite inner loss.
         TypeError: If an argument has the wrong type.
 
     Example:
@@ -245,10 +253,14 @@ def adapt(
         options=inner_options,
     )
     adapted = adapted_parameter_names(model, problem.adapt)
-    split = find_head_split(model, adapted) if problem.partial else None
-    if split is not None and isinstance(loss_fn, OutputLoss):
-        trainable, frozen, buffers = split_state(model)
-        state = {**trainable, **frozen, **buffers}
-        if head_split_mismatch(split, state, split_batch(support)[0]) is not None:
-            split = None  # the whole model per inner step: exact for any forward
-    return adapt_with_solver(model, loss_fn, support, problem, adapted, split)
+    mode_warning = eval_mode_warning(model)
+    if mode_warning is not None:
+        warnings.warn(mode_warning, RuntimeWarning, stacklevel=user_stacklevel())
+    trainable, frozen, buffers = split_state(model)
+    with naming_batch_errors(trainable, support, None, call="adapt"):
+        split = find_head_split(model, adapted) if problem.partial else None
+        if split is not None and isinstance(loss_fn, OutputLoss):
+            state = {**trainable, **frozen, **buffers}
+            if head_split_mismatch(split, state, split_batch(support)[0]) is not None:
+                split = None  # the whole model per inner step: exact for any forward
+        return adapt_with_solver(model, loss_fn, support, problem, adapted, split)

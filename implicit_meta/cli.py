@@ -65,7 +65,7 @@ _TRAIN_FLAGS: tuple[tuple[str, str, type, str], ...] = (
         "cg_steps",
         int,
         "conjugate-gradient iterations per task; 0 is first-order, and unset it is first-order "
-        "unless --curvature, --damping, --curvature-scale, --cg-tol or --hvp is given, then 5",
+        "unless --curvature, --damping or --curvature-scale is given, then 5",
     ),
     ("--cg-tol", "cg_tol", float, "CG's relative residual tolerance"),
     ("--damping", "damping", float, "delta >= 0 added to the curvature's diagonal"),

@@ -11,7 +11,13 @@ import torch
 from torch import nn
 
 from implicit_meta._batch_strategy import auto_strategy, loop_over_tasks, vmap_over_tasks
-from implicit_meta._diagnostics import check_finite_tasks, curvature_warning, naming_dtype_errors
+from implicit_meta._diagnostics import (
+    check_finite_tasks,
+    curvature_warning,
+    divergence_warning,
+    eval_mode_warning,
+    naming_batch_errors,
+)
 from implicit_meta._module import (
     LossFn,
     check_batch,
@@ -33,6 +39,7 @@ from implicit_meta._settings import (
     check_model_and_optimizer,
     resolve_adjoint,
     saved_settings,
+    unoptimized_warning,
     validated_settings,
 )
 from implicit_meta._task_axis import check_task_dimension, select_task, task_count
@@ -52,6 +59,8 @@ from implicit_meta.problem import (
 from implicit_meta.result import MetaBackwardResult
 from implicit_meta.solvers.registry import vmap_unsupported_reason
 from implicit_meta.solvers.resolve import InnerSpec as InnerSpec
+
+_BATCH = "meta_backward_batch"
 
 
 def _result(tasks: TaskGradient) -> MetaBackwardResult:
@@ -101,7 +110,15 @@ class ImplicitMetaOptimizer:
     during it are discarded, so the inner loop, the outer loss and the Hessian products never
     write into the model. In training mode BatchNorm normalises with the statistics of the batch
     it sees (as in MAML and iMAML: adapt and evaluate a task in training mode); in eval mode it
-    uses the model's running statistics, which meta-training leaves unchanged.
+    uses the model's running statistics, which meta-training leaves unchanged, and the first
+    call warns (``RuntimeWarning``, once per optimizer) naming ``model.train()``. Layers built
+    with ``track_running_stats=False`` (:class:`~implicit_meta.models.Conv4`'s) behave alike in
+    both modes and do not warn.
+
+    Warnings, once per optimizer each: an outer optimizer that holds only some of the trainable
+    parameters (the others adapt but are never meta-updated; ``adapt=`` is the way to adapt
+    only part of the model), CG meeting non-positive curvature, and an inner solve that moves
+    away from its solution (``relative_stationarity`` above 1: lower ``inner_lr``).
 
     Args:
         model: The model whose trainable parameters are the meta-parameters.
@@ -123,12 +140,12 @@ class ImplicitMetaOptimizer:
             checked against the solver's signature here (a torch.optim solver: its
             constructor's arguments and values), so a misspelt key fails at construction.
         cg_steps: CG iterations (curvature-vector products) per task; ``0`` is the first-order
-            meta-gradient (shorthand for ``adjoint.cg_steps``; default: first-order, or 5
-            when ``cg_tol`` or ``hvp`` is given).
-        cg_tol: CG's relative residual tolerance (shorthand; default 1e-10).
+            meta-gradient (shorthand for ``adjoint.cg_steps``; default: first-order).
+        cg_tol: CG's relative residual tolerance (shorthand; default 1e-10). How to solve,
+            not what: alone it leaves the first-order default, where it has no effect.
         hvp: Hessian-vector product strategy: ``"auto"``, ``"reverse_over_reverse"`` or
             ``"forward_over_reverse"`` (see :func:`implicit_meta.functional.make_hvp`;
-            shorthand; default ``"auto"``).
+            shorthand; default ``"auto"``). Like ``cg_tol``, it does not turn the solve on.
         compile_inner: Run the inner objective through ``torch.compile`` (opt-in): faster inner
             steps after a first compilation of tens of seconds that later tasks of the same
             shapes reuse, so worth it for long runs only (``docs/benchmarks.md``). Applies to
@@ -185,6 +202,9 @@ class ImplicitMetaOptimizer:
         adjoint: ImplicitAdjoint | None = None,
     ) -> None:
         check_model_and_optimizer(model, outer_optimizer)
+        unoptimized = unoptimized_warning(model, outer_optimizer)
+        if unoptimized is not None:
+            warnings.warn(unoptimized, RuntimeWarning, stacklevel=user_stacklevel())
         resolved_adjoint = resolve_adjoint(
             adjoint, {"cg_steps": cg_steps, "cg_tol": cg_tol, "hvp": hvp}
         )
@@ -283,11 +303,12 @@ class ImplicitMetaOptimizer:
         check_batch(support, "support")
         check_batch(query, "query")
         theta, frozen, buffers = self._split_checked()
+        self._check_mode()
         self._check_curvature(loss_fn, support, frozen, buffers)
         # No separate check pass: the losses validate themselves (scalar, floating point,
         # differentiable) on their first evaluation, the gradient at theta, with the same
-        # messages; a dtype clash between model and batch is named when torch trips over it.
-        with naming_dtype_errors(theta, support, query):
+        # messages; a batch the model cannot take is named when torch trips over it.
+        with naming_batch_errors(theta, support, query):
             one_task = self._task_function(loss_fn, outer_loss_fn, support)
             return one_task(support, query, buffers, theta)
 
@@ -298,6 +319,13 @@ class ImplicitMetaOptimizer:
         if not self.adjoint.first_order:
             inner_loss = functional_inner_loss(self.model, loss_fn, support, frozen, buffers)
             self._curvature_in_use = resolve_curvature(self.adjoint.curvature, inner_loss)
+
+    def _check_mode(self) -> None:
+        # Module attributes only, no tensor read; the modules are scanned in eval mode only.
+        if not self.model.training and "eval_mode" not in self._warned:
+            message = eval_mode_warning(self.model)
+            if message is not None:
+                self._warn_once("eval_mode", message)
 
     def _warn_once(self, key: str, message: str) -> None:
         if key in self._warned:
@@ -310,11 +338,15 @@ class ImplicitMetaOptimizer:
         self, meta_grad: Params, tasks: TaskGradient, *, batched: bool
     ) -> None:
         """Check losses and gradients for NaN/inf (one host sync), then add into ``p.grad``."""
-        bad_curvature = check_finite_tasks(meta_grad, tasks, batched=batched)
-        if bad_curvature:
+        checks = check_finite_tasks(meta_grad, tasks, batched=batched)
+        count = tasks.cg.status.numel()
+        if checks.nonpositive_curvature:
             system = self.adjoint.replace(curvature=self._curvature_in_use).describe()
-            count = tasks.cg.status.numel()
-            self._warn_once("curvature", curvature_warning(system, bad_curvature, count))
+            message = curvature_warning(system, checks.nonpositive_curvature, count)
+            self._warn_once("curvature", message)
+        if checks.diverged:
+            message = divergence_warning(checks, count, self.problem.solver_name, self.inner_lr)
+            self._warn_once("diverged", message)
         with torch.no_grad():
             for name, param in self._trainable():
                 grad = meta_grad[name].to(dtype=param.dtype, device=param.device)
@@ -353,8 +385,10 @@ class ImplicitMetaOptimizer:
 
         Raises:
             ValueError: For an empty batch, a loss that is not a scalar, a loss that does not
-                depend on the parameters (returned ``.detach()``-ed, say), a model and batch of
-                different floating-point dtypes, or a non-finite inner or outer loss or
+                depend on the parameters (returned ``.detach()``-ed, say), a ``(aux, loss)``
+                pair in the wrong order, a batch the model cannot take (another dtype or
+                device, float labels, uint8 images, a label outside the classes, a ``[T, ...]``
+                meta-batch: the message names the fix), or a non-finite inner or outer loss or
                 meta-gradient.
             TypeError: If ``loss_fn`` is not callable or returns something that is not a tensor.
 
@@ -433,9 +467,9 @@ class ImplicitMetaOptimizer:
             ValueError: For an unknown reduction or strategy, batches without a consistent task
                 dimension, batches that look like a single task's (see above), a ``num_tasks``
                 that does not match, an empty task, a non-scalar loss, a loss that does not
-                depend on the parameters, a model and batch of different dtypes, or a
-                non-finite loss or meta-gradient in any task (the message names the tasks);
-                nothing is written then.
+                depend on the parameters, a batch the model cannot take (as in
+                :meth:`meta_backward`), or a non-finite loss or meta-gradient in any task
+                (the message names the tasks); nothing is written then.
 
         Example:
             >>> import torch, torch.nn.functional as F
@@ -460,10 +494,11 @@ class ImplicitMetaOptimizer:
         check_batch(first_support, "support")
         check_batch(first_query, "query")
         theta, frozen, buffers = self._split_checked()
+        self._check_mode()
         if strategy == "auto":
             strategy = self._auto_strategy(next(iter(theta.values())).device)
         if strategy == "vmap" or not self.problem.partial:
-            with naming_dtype_errors(theta, first_support, first_query):
+            with naming_batch_errors(theta, first_support, first_query, call=_BATCH):
                 self._precheck(loss_fn, outer_loss_fn, first_support, first_query)
         else:
             # The loop's first task runs outside any transform and fails with the same
@@ -476,7 +511,13 @@ class ImplicitMetaOptimizer:
             reason = vmap_unsupported_reason(self.problem.solver_fn) or self._vmap_failure
             if reason is None:
                 try:
-                    tasks = self._solve_tasks_vmap(loss_fn, support, query, outer_loss_fn, count)
+                    # A label out of range in a later task is the user's error, not vmap's.
+                    with naming_batch_errors(
+                        theta, first_support, first_query, call=_BATCH, errors=(IndexError,)
+                    ):
+                        tasks = self._solve_tasks_vmap(
+                            loss_fn, support, query, outer_loss_fn, count
+                        )
                 except torch.OutOfMemoryError:
                     raise  # out of memory is not "unsupported": the loop is no answer to it
                 except (RuntimeError, NotImplementedError) as error:
@@ -488,7 +529,7 @@ class ImplicitMetaOptimizer:
                     f"meta_backward_batch falls back to a loop over tasks ({reason})",
                 )
         if tasks is None:
-            with naming_dtype_errors(theta, first_support, first_query):
+            with naming_batch_errors(theta, first_support, first_query, call=_BATCH):
                 tasks = self._solve_tasks_loop(loss_fn, support, query, outer_loss_fn, count)
         scale = 1.0 / count if reduction == "mean" else 1.0
         total = {k: v.sum(dim=0) * scale for k, v in tasks.meta_grad.items()}
@@ -614,8 +655,8 @@ class ImplicitMetaOptimizer:
             The adapted model, callable like the model, in its current train/eval mode.
 
         Raises:
-            ValueError: For an empty batch, a loss that is not a scalar, a model and batch of
-                different floating-point dtypes, or a non-finite inner loss.
+            ValueError: For an empty batch, a loss that is not a scalar, a batch the model
+                cannot take (as in :meth:`meta_backward`), or a non-finite inner loss.
 
         Example:
             >>> import torch, torch.nn.functional as F
@@ -628,7 +669,8 @@ class ImplicitMetaOptimizer:
             (torch.Size([8, 1]), torch.Size([]))
         """
         theta, _, _ = self._split_checked()
-        with naming_dtype_errors(theta, support, None):
+        self._check_mode()
+        with naming_batch_errors(theta, support, None, call="adapt"):
             split = None
             if self.problem.partial and head_losses(loss_fn, loss_fn) is not None:
                 split = self._checked_head_split(support)

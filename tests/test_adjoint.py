@@ -63,14 +63,19 @@ def test_default_is_first_order_and_naming_a_system_turns_cg_on() -> None:
         ("curvature", "gauss_newton"),
         ("damping", 0.5),
         ("curvature_scale", 0.5),
-        ("cg_tol", 1e-6),
-        ("hvp", "forward_over_reverse"),
     ]:
         assert ImplicitAdjoint(**{field: value}).cg_steps == 5, field
         assert ImplicitAdjoint().replace(**{field: value}).cg_steps == 5, field
         assert TrainConfig(**{field: value}).adjoint().cg_steps == 5, field
         with pytest.raises(ValueError, match=f"{field} given with cg_steps=0"):
             ImplicitAdjoint(cg_steps=0, **{field: value})
+    # How to compute is not what to compute (issue 20, item 5): first-order stays, no error.
+    for field, value in [("cg_tol", 1e-6), ("hvp", "forward_over_reverse")]:
+        assert ImplicitAdjoint(**{field: value}).first_order, field
+        assert ImplicitAdjoint().replace(**{field: value}).first_order, field
+        assert TrainConfig(**{field: value}).adjoint().first_order, field
+        assert ImplicitAdjoint(cg_steps=0, **{field: value}).first_order, field
+        assert ImplicitAdjoint(curvature="hessian", **{field: value}).cg_steps == 5, field
     assert ImplicitAdjoint(cg_steps=3).curvature == "auto"
     # A given cg_steps is kept by replace(); a derived one is derived again.
     assert ImplicitAdjoint(curvature="hessian", cg_steps=7).replace(damping=1.0).cg_steps == 7

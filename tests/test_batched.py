@@ -102,6 +102,7 @@ def test_mean_divides_by_task_count_and_loop_matches_vmap() -> None:
         torch.optim.SGD(model.parameters(), lr=0.1),
         reg=10.0,
         hvp="forward_over_reverse",
+        cg_steps=5,  # hvp= alone no longer turns the solve on (issue 20, item 5)
         inner_steps=3,
     )
     meta.meta_backward_batch(ce, support, query, reduction="sum", strategy="loop")

@@ -112,8 +112,8 @@ class TrainConfig:
         curvature_scale: Factor on the curvature (1 but to reproduce another code's system).
         cg_steps: Conjugate-gradient iterations per task; ``0`` is first-order, the gradient
             of the query loss at the adapted parameters. ``None`` (the default) is first-order
-            unless ``curvature``, ``damping``, ``curvature_scale``, ``cg_tol`` or ``hvp`` is
-            set, then 5 (see :class:`~implicit_meta.functional.ImplicitAdjoint`).
+            unless ``curvature``, ``damping`` or ``curvature_scale`` is set, then 5 (see
+            :class:`~implicit_meta.functional.ImplicitAdjoint`).
         cg_tol: CG's relative residual tolerance.
         hvp: Hessian-vector product strategy (``"auto"``, ``"reverse_over_reverse"``,
             ``"forward_over_reverse"``).

@@ -39,8 +39,12 @@ from implicit_meta.functional.hvp import ScalarFn, resolve_hvp_mode
 IMPLICIT_CG_STEPS = 5
 """CG steps an adjoint takes when a system is chosen but ``cg_steps`` is not."""
 
-SYSTEM_FIELDS = ("curvature", "damping", "curvature_scale", "cg_tol", "hvp")
-"""The fields that describe the linear system; they have no effect with ``cg_steps=0``."""
+SYSTEM_FIELDS = ("curvature", "damping", "curvature_scale")
+"""The fields that name the linear system: naming one turns the solve on, and they are refused
+beside ``cg_steps=0``. ``cg_tol`` and ``hvp`` say how a system is solved, not which: they never
+turn the solve on, and with ``cg_steps=0`` they are accepted and have no effect."""
+
+_CURVATURE_SYMBOLS = {"hessian": "H", "gauss_newton": "G"}
 
 
 def stored_first_order(values: Mapping[str, Any]) -> dict[str, Any]:
@@ -81,15 +85,17 @@ class ImplicitAdjoint:
             :meth:`official_imaml`).
         cg_steps: Conjugate-gradient iterations; ``0`` is the first-order meta-gradient
             ``grad L_out(phi*)`` (no curvature products at all). ``None`` (the default)
-            resolves at construction: to ``0`` when no other field of the system is set, to
-            ``5`` when one is (``ImplicitAdjoint(curvature="gauss_newton")`` is Gauss-Newton
-            CG 5). The first-order default is the one the adjoint study on the Benchmarks page
-            found never below the implicit systems beyond the noise on ReLU networks;
-            ``cg_steps=0`` together with a curvature, damping, scale, tolerance or HVP
-            strategy is refused, since they would have no effect.
-        cg_tol: CG's relative residual tolerance.
+            resolves at construction: to ``0`` unless a curvature, damping or curvature scale
+            names a system, then to ``5`` (``ImplicitAdjoint(curvature="gauss_newton")`` is
+            Gauss-Newton CG 5). The first-order default is the one the adjoint study on the
+            Benchmarks page found never below the implicit systems beyond the noise on ReLU
+            networks; ``cg_steps=0`` together with a curvature, damping or scale is refused,
+            since they would have no effect.
+        cg_tol: CG's relative residual tolerance. How the system is solved, not which: it
+            does not turn the solve on, and has no effect on the first-order meta-gradient.
         hvp: Hessian-vector product strategy for ``curvature="hessian"`` (see
-            :func:`~implicit_meta.functional.make_hvp`).
+            :func:`~implicit_meta.functional.make_hvp`). Like ``cg_tol``, it never turns the
+            solve on, and has no effect on the first-order meta-gradient.
 
     Raises:
         ValueError: If a value is out of range or a name is unknown.
@@ -103,6 +109,8 @@ class ImplicitAdjoint:
         True
         >>> ImplicitAdjoint(curvature="gauss_newton").cg_steps
         5
+        >>> ImplicitAdjoint(hvp="forward_over_reverse").first_order  # how, not what
+        True
     """
 
     reg: float = 2.0
@@ -270,22 +278,32 @@ class ImplicitAdjoint:
     def describe(self) -> str:
         """The system in words, for logs.
 
+        ``H`` is the Hessian, ``G`` the Gauss-Newton matrix and ``C`` a custom curvature
+        function. ``"auto"`` is resolved only where the inner loss is known, so its ``C`` is
+        said to be one or the other; a meta-optimizer's messages name the one it used.
+
         Returns:
             For example ``"I + (H + 1 I)/2, CG 5"`` or ``"first-order"``.
 
         Example:
             >>> ImplicitAdjoint(reg=2.0, curvature="gauss_newton").describe()
             'I + G/2, CG 5'
+            >>> ImplicitAdjoint(reg=2.0, cg_steps=5).describe()
+            'I + C/2, CG 5, C the Gauss-Newton matrix for an output_loss, else the Hessian'
         """
         if self.first_order:
             return "first-order"
-        symbol = {"hessian": "H", "gauss_newton": "G", "auto": "C"}.get(
-            self.curvature if isinstance(self.curvature, str) else "", "C"
-        )
+        name = self.curvature if isinstance(self.curvature, str) else ""
+        symbol = _CURVATURE_SYMBOLS.get(name, "C")
         term = symbol if self.curvature_scale == 1.0 else f"{self.curvature_scale:g} {symbol}"
         if self.damping:
             term = f"({term} + {self.damping:g} I)"
-        return f"I + {term}/{self.reg:g}, CG {self.cg_steps}"
+        text = f"I + {term}/{self.reg:g}, CG {self.cg_steps}"
+        if name == "auto":
+            text += ", C the Gauss-Newton matrix for an output_loss, else the Hessian"
+        elif not name:
+            text += ", C the custom curvature"
+        return text
 
 
 class AdjointSolve(NamedTuple):
