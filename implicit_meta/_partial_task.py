@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from implicit_meta._module import (
@@ -85,6 +86,10 @@ class HeadSplit:
             The model's output for those features.
         """
         local = {k[len(self.prefix) :]: v for k, v in head.items()}
+        if type(self.classifier) is nn.Linear and "weight" in local:
+            # The common head, called directly: functional_call's module swap costs more than
+            # the matrix product itself, and the inner solver calls this dozens of times.
+            return F.linear(features, local["weight"], local.get("bias"))
         value = torch.func.functional_call(self.classifier, local, (features,), strict=False)
         assert isinstance(value, Tensor)
         return value
