@@ -154,8 +154,9 @@ def _add_train(subparsers: Any) -> None:
         choices=ADAPT_CHOICES,
         help=(
             "what adapts per task: all parameters, or the classifier head on a shared body "
-            "meta-learned through the exact implicit gradient; the head takes dense Newton steps "
-            f"unless --inner is given (default: {_DEFAULTS.adapt})"
+            "meta-learned through the exact implicit gradient (CG 20 unless --cg-steps is "
+            "given); the head takes dense Newton steps unless --inner is given (default: "
+            f"{_DEFAULTS.adapt})"
         ),
     )
     parser.add_argument(

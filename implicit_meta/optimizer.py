@@ -54,6 +54,7 @@ from implicit_meta.problem import (
     AdaptSpec,
     InnerProblem,
     adapted_parameter_names,
+    default_adjoint_for,
     resolve_problem,
 )
 from implicit_meta.result import MetaBackwardResult
@@ -140,7 +141,8 @@ class ImplicitMetaOptimizer:
             checked against the solver's signature here (a torch.optim solver: its
             constructor's arguments and values), so a misspelt key fails at construction.
         cg_steps: CG iterations (curvature-vector products) per task; ``0`` is the first-order
-            meta-gradient (shorthand for ``adjoint.cg_steps``; default: first-order).
+            meta-gradient (shorthand for ``adjoint.cg_steps``; default: first-order for
+            ``adapt="all"``, the exact system with CG 20 for partial adaptation).
         cg_tol: CG's relative residual tolerance (shorthand; default 1e-10). How to solve,
             not what: alone it leaves the first-order default, where it has no effect.
         hvp: Hessian-vector product strategy: ``"auto"``, ``"reverse_over_reverse"`` or
@@ -221,6 +223,7 @@ class ImplicitMetaOptimizer:
             },
             adjoint,
         )
+        resolved_adjoint = default_adjoint_for(resolved_problem, resolved_adjoint)
         adapted = adapted_parameter_names(model, resolved_problem.adapt)
         self.model = model
         self.outer_optimizer = outer_optimizer

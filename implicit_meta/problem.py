@@ -23,7 +23,14 @@ from implicit_meta.functional._tree import Params
 from implicit_meta.functional.adjoint import ImplicitAdjoint
 from implicit_meta.solvers.resolve import InnerSpec, resolve_inner_solver
 
-__all__ = ["AdaptSpec", "InnerProblem", "adapted_parameter_names", "resolve_problem"]
+__all__ = [
+    "PARTIAL_CG_STEPS",
+    "AdaptSpec",
+    "InnerProblem",
+    "adapted_parameter_names",
+    "default_adjoint_for",
+    "resolve_problem",
+]
 
 AdaptSpec = Union[str, Sequence[str], nn.Module, Callable[[str, nn.Parameter], bool]]  # noqa: UP007
 """Which parameters adapt: ``"all"``, ``"head"``, names or prefixes, a submodule, a predicate."""
@@ -37,6 +44,15 @@ PARTIAL_DEFAULTS = {"solver": "newton", "steps": 8, "lr": 1.0}
 A head on fixed features is strictly convex (cross-entropy of a linear map, plus the proximal
 term), so full Newton steps converge quadratically; ``tests/test_partial_adaptation.py`` checks
 that these settings reach a relative stationarity of ``1e-4`` in float32 on few-shot heads.
+"""
+
+
+PARTIAL_CG_STEPS = 20
+"""CG steps of the exact implicit gradient that partial adaptation takes by default.
+
+A head's system ``I + C/reg`` is positive definite and small, so CG converges in a few dozen
+products, each of which touches the head alone; the head study on the Benchmarks page found the
+exact gradient ahead of first-order there.
 """
 
 
@@ -368,3 +384,31 @@ def resolve_problem(
             "reg belongs to the inner problem; set it there (reg= or problem=) only"
         )
     return problem
+
+
+def default_adjoint_for(problem: InnerProblem, adjoint: ImplicitAdjoint) -> ImplicitAdjoint:
+    """``adjoint``, or for a partial problem that chose no CG steps, the exact system.
+
+    Where only a head adapts, the inner problem is convex and solved to stationarity, the
+    conditions of the implicit function theorem hold, and the exact gradient is the default:
+    ``curvature`` as given (``"auto"``: Gauss-Newton, which for a linear head under
+    cross-entropy is the Hessian) with :data:`PARTIAL_CG_STEPS` CG steps. ``cg_steps=0`` given
+    explicitly stays first-order; ``adapt="all"`` keeps the first-order default.
+
+    Args:
+        problem: The inner problem.
+        adjoint: The adjoint as given or built from shorthands.
+
+    Returns:
+        The adjoint to use.
+
+    Example:
+        >>> default_adjoint_for(InnerProblem(adapt="head"), ImplicitAdjoint()).cg_steps
+        20
+        >>> default_adjoint_for(InnerProblem(), ImplicitAdjoint()).cg_steps
+        0
+    """
+    chosen = not getattr(adjoint, "_cg_steps_derived", False)
+    if problem.partial and adjoint.first_order and not chosen:
+        return adjoint.replace(cg_steps=PARTIAL_CG_STEPS)
+    return adjoint

@@ -400,3 +400,16 @@ def test_conv4_follows_timms_split():
     assert im.ImplicitMetaOptimizer(
         model, torch.optim.SGD(model.parameters(), 0.1), adapt="head"
     ).adapted == ("head.weight", "head.bias")
+
+
+def test_partial_adaptation_defaults_to_the_exact_gradient():
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), 0.1)
+    head = im.ImplicitMetaOptimizer(model, optimizer, adapt="head")
+    assert head.adjoint.cg_steps == 20 and head.adjoint.curvature == "auto"
+    assert im.ImplicitMetaOptimizer(model, optimizer, adapt="head", cg_steps=0).adjoint.first_order
+    assert im.ImplicitMetaOptimizer(model, optimizer).adjoint.first_order
+    named = im.ImplicitMetaOptimizer(
+        model, optimizer, adapt="head", adjoint=ImplicitAdjoint(curvature="hessian")
+    )
+    assert named.adjoint.cg_steps == 5  # a system named without cg_steps: as everywhere

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from implicit_meta.functional.adjoint import ImplicitAdjoint, stored_first_order
-from implicit_meta.problem import InnerProblem
+from implicit_meta.problem import PARTIAL_CG_STEPS, InnerProblem
 
 __all__ = [
     "ADAPT_CHOICES",
@@ -113,7 +113,8 @@ class TrainConfig:
         cg_steps: Conjugate-gradient iterations per task; ``0`` is first-order, the gradient
             of the query loss at the adapted parameters. ``None`` (the default) is first-order
             unless ``curvature``, ``damping`` or ``curvature_scale`` is set, then 5 (see
-            :class:`~implicit_meta.functional.ImplicitAdjoint`).
+            :class:`~implicit_meta.functional.ImplicitAdjoint`); with ``adapt="head"`` it is
+            the exact system with CG 20 (see :data:`~implicit_meta.problem.PARTIAL_CG_STEPS`).
         cg_tol: CG's relative residual tolerance.
         hvp: Hessian-vector product strategy (``"auto"``, ``"reverse_over_reverse"``,
             ``"forward_over_reverse"``).
@@ -295,8 +296,10 @@ class TrainConfig:
         Example:
             >>> TrainConfig(cg_steps=0).adjoint().first_order
             True
+            >>> TrainConfig(adapt="head").adjoint().cg_steps  # the exact gradient of a head
+            20
         """
-        return ImplicitAdjoint(
+        adjoint = ImplicitAdjoint(
             reg=self.reg,
             curvature=self.curvature,
             damping=self.damping,
@@ -305,6 +308,9 @@ class TrainConfig:
             cg_tol=self.cg_tol,
             hvp=self.hvp,
         )
+        if self.adapt != "all" and self.cg_steps is None and adjoint.first_order:
+            adjoint = adjoint.replace(cg_steps=PARTIAL_CG_STEPS)  # see default_adjoint_for
+        return adjoint
 
     def to_dict(self) -> dict[str, Any]:
         """The config as a dict of str, int, float and None (safe for ``weights_only`` loads).
