@@ -56,10 +56,26 @@ _TRAIN_FLAGS: tuple[tuple[str, str, type, str], ...] = (
     ("--shots", "shots", int, "support images per class (K)"),
     ("--queries", "queries", int, "query images per class"),
     ("--backbone", "backbone", str, f"model: {', '.join(list_backbones())}"),
-    ("--inner", "inner", str, "inner solver: a registered name or torch.optim.<Name>"),
-    ("--inner-steps", "inner_steps", int, "inner solver steps per task"),
-    ("--inner-lr", "inner_lr", float, "inner learning rate"),
-    ("--reg", "reg", float, "proximal regularisation strength lambda"),
+    (
+        "--inner",
+        "inner",
+        str,
+        "inner solver: a registered name or torch.optim.<Name> (default: sgd, or newton with "
+        "--adapt head)",
+    ),
+    (
+        "--inner-steps",
+        "inner_steps",
+        int,
+        "inner solver steps per task (default: 5, or 8 Newton steps with --adapt head)",
+    ),
+    ("--inner-lr", "inner_lr", float, "inner learning rate (default: 0.1, or 1 with --adapt head)"),
+    (
+        "--reg",
+        "reg",
+        float,
+        "proximal regularisation strength lambda (default: 1, or 0.5 with --adapt head)",
+    ),
     (
         "--cg-steps",
         "cg_steps",

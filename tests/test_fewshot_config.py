@@ -23,8 +23,8 @@ def test_every_field_checks_its_annotated_type() -> None:
         with pytest.raises(TypeError, match=name):
             TrainConfig(**{name: object()})
     # Optional fields take None; the others refuse it; bools are not ints and ints not bools.
-    assert TrainConfig(root=None, cg_steps=None).cg_steps is None
-    for name in ("ways", "reg", "dataset", "compile_inner"):
+    assert TrainConfig(root=None, cg_steps=None, reg=None, inner=None).cg_steps is None
+    for name in ("ways", "meta_lr", "dataset", "compile_inner"):
         with pytest.raises(TypeError, match=name):
             TrainConfig(**{name: None})
     with pytest.raises(TypeError, match="ways"):

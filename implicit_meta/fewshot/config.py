@@ -41,6 +41,12 @@ WHOLE_NETWORK_STEPS = 5
 WHOLE_NETWORK_LR = 0.1
 """Inner SGD learning rate of ``adapt="all"`` runs when not given."""
 
+WHOLE_NETWORK_REG = 1.0
+"""``reg`` of ``adapt="all"`` runs when not given."""
+
+HEAD_REG = 0.5
+"""``reg`` of ``adapt="head"`` runs when not given."""
+
 DEVICES = ("auto", "cpu", "cuda")
 """Device choices; ``"auto"`` is CUDA when available, else the CPU."""
 
@@ -104,7 +110,8 @@ class TrainConfig:
             ``None``: ``"sgd"`` for ``adapt="all"``, ``"newton"`` (dense Newton) for the head.
         inner_steps: Inner solver steps per task (``None``: 5 SGD steps, or 8 Newton steps).
         inner_lr: Inner learning rate (``None``: 0.1 for SGD, 1.0 for Newton steps).
-        reg: Proximal regularisation strength lambda.
+        reg: Proximal regularisation strength lambda (``None``: 1 for ``adapt="all"``, 0.5
+            for the head, the values of the head study on the Benchmarks page).
         curvature: Curvature of the adjoint system: ``"auto"`` (Gauss-Newton for the
             cross-entropy the trainer uses), ``"hessian"`` or ``"gauss_newton"`` (see
             :class:`~implicit_meta.functional.ImplicitAdjoint`).
@@ -166,7 +173,7 @@ class TrainConfig:
     inner: str | None = None
     inner_steps: int | None = None
     inner_lr: float | None = None
-    reg: float = 1.0
+    reg: float | None = None
     curvature: str = "auto"
     damping: float = 0.0
     curvature_scale: float = 1.0
@@ -254,6 +261,18 @@ class TrainConfig:
                 f"episodes; hold out at least {self.ways} characters"
             )
 
+    @property
+    def proximal_reg(self) -> float:
+        """``reg``, or its default for what adapts (1 for the whole network, 0.5 for a head).
+
+        Example:
+            >>> TrainConfig().proximal_reg, TrainConfig(adapt="head").proximal_reg
+            (1.0, 0.5)
+        """
+        if self.reg is not None:
+            return self.reg
+        return WHOLE_NETWORK_REG if self.adapt == "all" else HEAD_REG
+
     def inner_problem(self) -> InnerProblem:
         """The inner problem of this run: what adapts, ``reg``, the solver and its settings.
 
@@ -280,7 +299,7 @@ class TrainConfig:
             lr = WHOLE_NETWORK_LR if lr is None else lr
         return InnerProblem(
             adapt=self.adapt,
-            reg=self.reg,
+            reg=self.proximal_reg,
             solver=solver,
             steps=steps,
             lr=lr,
@@ -300,7 +319,7 @@ class TrainConfig:
             20
         """
         adjoint = ImplicitAdjoint(
-            reg=self.reg,
+            reg=self.proximal_reg,
             curvature=self.curvature,
             damping=self.damping,
             curvature_scale=self.curvature_scale,

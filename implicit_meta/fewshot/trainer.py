@@ -386,16 +386,17 @@ def _train(
 
 
 def _title(config: TrainConfig) -> str:
+    problem = config.inner_problem()
     return (
         f"iMAML {config.dataset} {config.ways}-way {config.shots}-shot, {config.backbone}, "
-        f"{config.inner} x{config.inner_steps}, {_adjoint_words(config)}"
+        f"adapt {config.adapt}, {problem.solver} x{problem.steps}, {_adjoint_words(config)}"
     )
 
 
 def _adjoint_words(config: TrainConfig) -> str:
     adjoint = config.adjoint()
     if adjoint.first_order:
-        return f"reg {config.reg:g}, first-order"
+        return f"reg {config.proximal_reg:g}, first-order"
     # "auto" is Gauss-Newton here: the trainer's inner loss is an output_loss.
     curvature = "gauss_newton" if config.curvature == "auto" else config.curvature
     return adjoint.replace(curvature=curvature).describe()
