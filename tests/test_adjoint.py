@@ -58,7 +58,8 @@ def test_default_is_first_order_and_naming_a_system_turns_cg_on() -> None:
     model = _mlp()
     meta = im.ImplicitMetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1))
     assert meta.adjoint == ImplicitAdjoint(cg_steps=0) and meta.cg_steps == 0
-    assert TrainConfig().adjoint().first_order
+    assert TrainConfig(adapt="all").adjoint().first_order
+    assert TrainConfig().adjoint().cg_steps == 20  # the head study: the exact gradient of a head
     for field, value in [
         ("curvature", "gauss_newton"),
         ("damping", 0.5),
@@ -66,14 +67,14 @@ def test_default_is_first_order_and_naming_a_system_turns_cg_on() -> None:
     ]:
         assert ImplicitAdjoint(**{field: value}).cg_steps == 5, field
         assert ImplicitAdjoint().replace(**{field: value}).cg_steps == 5, field
-        assert TrainConfig(**{field: value}).adjoint().cg_steps == 5, field
+        assert TrainConfig(adapt="all", **{field: value}).adjoint().cg_steps == 5, field
         with pytest.raises(ValueError, match=f"{field} given with cg_steps=0"):
             ImplicitAdjoint(cg_steps=0, **{field: value})
     # How to compute is not what to compute (issue 20, item 5): first-order stays, no error.
     for field, value in [("cg_tol", 1e-6), ("hvp", "forward_over_reverse")]:
         assert ImplicitAdjoint(**{field: value}).first_order, field
         assert ImplicitAdjoint().replace(**{field: value}).first_order, field
-        assert TrainConfig(**{field: value}).adjoint().first_order, field
+        assert TrainConfig(adapt="all", **{field: value}).adjoint().first_order, field
         assert ImplicitAdjoint(cg_steps=0, **{field: value}).first_order, field
         assert ImplicitAdjoint(curvature="hessian", **{field: value}).cg_steps == 5, field
     assert ImplicitAdjoint(cg_steps=3).curvature == "auto"
@@ -403,7 +404,7 @@ def test_train_config_and_cli_carry_every_adjoint_field() -> None:
     )
     assert config.adjoint() == expected
     model = nn.Linear(3, 5)
-    assert build_meta_optimizer(model, config).adjoint == expected
+    assert build_meta_optimizer(model, config.replace(adapt="all")).adjoint == expected
     with pytest.raises(ValueError, match="unknown curvature 'newton'"):
         TrainConfig(curvature="newton")
     with pytest.raises(ValueError, match="damping must be non-negative"):
