@@ -176,18 +176,25 @@ def pct(result: dict[str, float]) -> str:
 def report(args: argparse.Namespace) -> None:
     del args
     results = load()
+    order = list(METHODS)
     print(
         "| setting | method | seed | meta-steps | held-out accuracy | init, same adaptation "
-        "| s / step | median rel. stationarity |"
+        "| rel. stationarity, median / max |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    for key, run in sorted(results["runs"].items(), key=lambda kv: (int(kv[0].split("w")[0]),)):
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+
+    def sort_key(item: tuple[str, Any]) -> tuple[int, int, int, int]:
+        config = item[1]["config"]
+        method = item[0].split("/")[1]
+        return (config["ways"], config["meta_steps"], config["seed"], order.index(method))
+
+    for key, run in sorted(results["runs"].items(), key=sort_key):
         config = run["config"]
         base = results["baselines"][f"{config['ways']}w/{config['adapt']}/{config['seed']}"]
         print(
             f"| {config['ways']}-way 1-shot | {key.split('/')[1]} | {config['seed']} | "
             f"{config['meta_steps']} | {pct(run)} | {pct(base)} | "
-            f"{run['seconds_per_step']:.2f} | {run['relative_stationarity_median']:.1e} |"
+            f"{run['relative_stationarity_median']:.0e} / {run['relative_stationarity_max']:.0e} |"
         )
 
 
