@@ -78,7 +78,7 @@ def test_check_resumable_names_changed_fields() -> None:
     check_resumable(TrainConfig(), TrainConfig(time_budget=30, device="cpu", threads=1))
     with pytest.raises(ValueError, match=r"shots \(checkpoint: 5, requested: 1\)"):
         check_resumable(TrainConfig(), TrainConfig(shots=1))
-    with pytest.raises(ValueError, match=r"cosine schedule.*meta_steps=150"):
+    with pytest.raises(ValueError, match=r"cosine schedule.*meta_steps=500"):
         check_resumable(TrainConfig(), TrainConfig(meta_steps=10))
     constant = TrainConfig(lr_schedule="constant")
     check_resumable(constant, constant.replace(meta_steps=10))  # a constant rate extends

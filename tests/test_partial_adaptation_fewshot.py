@@ -43,7 +43,7 @@ def test_the_default_head_solver_reaches_stationarity_in_float32(omniglot_batch,
     assert float(result.relative_cg_residual.max()) <= 1e-3
     assert not (result.cg_status == int(CGStatus.NONPOSITIVE_CURVATURE)).any()
     # The whole-network default, by contrast, stops far from stationarity.
-    whole = build_meta_optimizer(model, TrainConfig(ways=ways, shots=1))
+    whole = build_meta_optimizer(model, TrainConfig(ways=ways, shots=1, adapt="all"))
     far = whole.meta_backward_batch(
         cross_entropy, (batch.xs, batch.ys), (batch.xq, batch.yq), strategy="loop"
     )

@@ -185,7 +185,7 @@ class TrainConfig:
     cg_tol: float = 1e-10
     hvp: str = "auto"
     meta_batch: int = 4
-    meta_steps: int = 150
+    meta_steps: int = 500
     meta_lr: float = 3e-3
     lr_schedule: str = "cosine"
     time_budget: float = 0.0
