@@ -32,7 +32,7 @@ from implicit_meta.functional._tree import Params
 from implicit_meta.functional.adjoint import ImplicitAdjoint
 from implicit_meta.functional.curvature import ComposedLoss
 from implicit_meta.functional.implicit import TaskGradient
-from implicit_meta.functional.partial import partial_task_meta_gradient
+from implicit_meta.functional.partial import Contexts, LossAt, partial_task_meta_gradient
 from implicit_meta.losses import OutputLoss, split_batch
 from implicit_meta.problem import InnerProblem
 
@@ -160,6 +160,32 @@ def head_split_mismatch(split: HeadSplit, state: Mapping[str, Tensor], inputs: A
     )
 
 
+def _solve(
+    problem: InnerProblem,
+    adjoint: ImplicitAdjoint,
+    inner_at: LossAt,
+    outer_at: LossAt,
+    contexts: Contexts,
+    theta: Params,
+    shared: Params,
+) -> TaskGradient:
+    """:func:`partial_task_meta_gradient` with the problem's solver settings."""
+    return partial_task_meta_gradient(
+        inner_at,
+        outer_at,
+        contexts,
+        theta,
+        shared,
+        problem.solver_fn,
+        adjoint,
+        steps=problem.steps or 0,
+        lr=problem.lr or 0.0,
+        solver_options=dict(problem.options or {}),
+        has_aux=True,
+        compile_objective=problem.compile,
+    )
+
+
 def general_task(
     model: nn.Module,
     loss_fn: LossFn,
@@ -200,20 +226,7 @@ def general_task(
                 model, outer_loss_fn, query, constants, buffers, outer_name
             )
 
-        return partial_task_meta_gradient(
-            inner_at,
-            outer_at,
-            lambda w: (w, w),
-            theta,
-            shared,
-            problem.solver_fn,
-            adjoint,
-            steps=problem.steps or 0,
-            lr=problem.lr or 0.0,
-            solver_options=dict(problem.options or {}),
-            has_aux=True,
-            compile_objective=problem.compile,
-        )
+        return _solve(problem, adjoint, inner_at, outer_at, lambda w: (w, w), theta, shared)
 
     return one_task
 
@@ -316,19 +329,6 @@ def head_task(
 
             return loss_and_aux
 
-        return partial_task_meta_gradient(
-            inner_at,
-            outer_at,
-            contexts,
-            theta,
-            shared,
-            problem.solver_fn,
-            adjoint,
-            steps=problem.steps or 0,
-            lr=problem.lr or 0.0,
-            solver_options=dict(problem.options or {}),
-            has_aux=True,
-            compile_objective=problem.compile,
-        )
+        return _solve(problem, adjoint, inner_at, outer_at, contexts, theta, shared)
 
     return one_task
