@@ -22,7 +22,12 @@ from torch import Tensor
 
 from implicit_meta.functional._grad import inside_transform
 from implicit_meta.functional._tree import Params, tree_norm
-from implicit_meta.functional.adjoint import ImplicitAdjoint, solve_adjoint, stationarity
+from implicit_meta.functional.adjoint import (
+    AdjointSolve,
+    ImplicitAdjoint,
+    solve_adjoint,
+    stationarity,
+)
 from implicit_meta.functional.cg import CGResult
 from implicit_meta.functional.hvp import ScalarFn
 
@@ -368,9 +373,42 @@ def task_meta_gradient(
     _check_tracked(flags, "outer loss (on the query batch)")
     outer_grad = dict(outer_grad)
     solve = solve_adjoint(adjoint, inner_loss, phi, outer_grad)
-    task_stationarity = stationarity(solve.inner_grad, phi, theta, adjoint.reg)
+    meta_grad = {k: v.detach() for k, v in solve.cg.solution.items()}
+    return task_gradient(
+        meta_grad, phi, theta, solve, adjoint.reg, start_grad, outer_grad, outer_value, outer_aux
+    )
+
+
+def task_gradient(
+    meta_grad: Params,
+    phi: Params,
+    theta: Params,
+    solve: AdjointSolve,
+    reg: float,
+    start_grad: Params,
+    outer_grad: Params,
+    outer_value: Tensor,
+    outer_aux: Any,
+) -> TaskGradient:
+    """Assemble a task's :class:`TaskGradient` with its stationarity and relative diagnostics.
+
+    Args:
+        meta_grad: The meta-gradient (detached).
+        phi: The adapted parameters.
+        theta: Their meta-values.
+        solve: The adjoint solve at ``phi``.
+        reg: The proximal strength.
+        start_grad: ``grad L_in(theta)``, the scale of the relative stationarity.
+        outer_grad: ``grad L_out(phi)``, the scale of the relative CG residual.
+        outer_value: ``L_out(phi)``.
+        outer_aux: What the outer loss returned beside it.
+
+    Returns:
+        The task's result.
+    """
+    task_stationarity = stationarity(solve.inner_grad, phi, theta, reg)
     return TaskGradient(
-        meta_grad={k: v.detach() for k, v in solve.cg.solution.items()},
+        meta_grad=meta_grad,
         phi=phi,
         inner_loss=solve.inner_loss,
         outer_loss=outer_value.detach(),

@@ -33,16 +33,16 @@ import torch
 import torch.utils._pytree as pytree
 
 from implicit_meta.functional._attention import math_attention
-from implicit_meta.functional._tree import Params, tree_dot, tree_norm, tree_scale
-from implicit_meta.functional.adjoint import ImplicitAdjoint, solve_adjoint, stationarity
+from implicit_meta.functional._tree import Params, tree_dot, tree_scale
+from implicit_meta.functional.adjoint import ImplicitAdjoint, solve_adjoint
 from implicit_meta.functional.hvp import ScalarFn
 from implicit_meta.functional.implicit import (
     InnerSolverFn,
     TaskGradient,
     _check_tracked,
-    _ratio,
     _start_gradient,
     solve_inner,
+    task_gradient,
 )
 
 Contexts = Callable[[Params], tuple[Any, Any]]
@@ -183,18 +183,7 @@ def partial_task_meta_gradient(
             v = tree_scale(1.0 / adjoint.reg, meta_theta)  # v = (C + reg I)^-1 g
             support_cotangent = _scaled(_mixed_term(inner_at, phi, v, support_context), -1.0)
         (meta_shared,) = contexts_vjp((support_cotangent, query_cotangent))
-    task_stationarity = stationarity(solve.inner_grad, phi, theta, adjoint.reg)
     meta_grad = {**meta_theta, **{k: v.detach() for k, v in meta_shared.items()}}
-    return TaskGradient(
-        meta_grad=meta_grad,
-        phi=phi,
-        inner_loss=solve.inner_loss,
-        outer_loss=outer_value.detach(),
-        stationarity=task_stationarity,
-        cg=solve.cg,
-        outer_aux=outer_aux,
-        relative_stationarity=_ratio(task_stationarity, tree_norm(start_grad).detach()),
-        relative_cg_residual=_ratio(
-            solve.cg.residual_norm.detach(), tree_norm(outer_grad).detach()
-        ),
+    return task_gradient(
+        meta_grad, phi, theta, solve, adjoint.reg, start_grad, outer_grad, outer_value, outer_aux
     )

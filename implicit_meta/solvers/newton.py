@@ -16,6 +16,7 @@ from torch import Tensor
 
 from implicit_meta.functional._attention import math_attention
 from implicit_meta.functional._tree import Params
+from implicit_meta.solvers._line_search import armijo_step
 from implicit_meta.solvers.registry import Objective, inner_solver
 
 
@@ -91,17 +92,21 @@ def newton(
         descent = slope < 0
         direction = torch.where(descent, direction, -gradient)
         slope = torch.where(descent, slope, -torch.dot(gradient, gradient))
-        chosen = torch.zeros_like(value)
-        found = torch.zeros((), dtype=torch.bool, device=value.device)
+
         # Near the optimum the decrease falls below the objective's rounding (float32 above
         # all): a few ulps of slack keep Newton's quadratic steps from stalling there.
-        slack = 8 * torch.finfo(value.dtype).eps * value.abs()
-        step = lr
-        for _ in range(line_search_steps):
-            trial = flat_objective(point + step * direction)
-            accept = ~found & (trial <= value + armijo * step * slope + slack)
-            chosen = torch.where(accept, torch.full_like(chosen, step), chosen)
-            found = found | accept
-            step *= shrink
+        def trial(step: float, x: Tensor = point, d: Tensor = direction) -> Tensor:
+            return flat_objective(x + step * d)
+
+        chosen = armijo_step(
+            trial,
+            value,
+            slope,
+            lr=lr,
+            steps=line_search_steps,
+            armijo=armijo,
+            shrink=shrink,
+            slack=8 * torch.finfo(value.dtype).eps * value.abs(),
+        )
         point = (point + chosen * direction).detach()
     return unflatten(point)

@@ -14,6 +14,7 @@ import torch
 from implicit_meta.functional._tree import Params, tree_axpy, tree_dot, tree_norm, tree_scale
 from implicit_meta.functional.cg import conjugate_gradient
 from implicit_meta.functional.hvp import value_grad_and_hvp
+from implicit_meta.solvers._line_search import armijo_step
 from implicit_meta.solvers.registry import Objective, inner_solver
 
 
@@ -81,14 +82,17 @@ def newton_cg(
         direction = {k: torch.where(descent, direction[k], neg_grad[k]) for k in direction}
         slope = torch.where(descent, slope, -(grad_norm**2))
 
-        chosen = torch.zeros_like(value)
-        found = torch.zeros((), dtype=torch.bool, device=value.device)
-        step = lr
-        for _ in range(line_search_steps):
-            trial = objective(tree_axpy(step, direction, params)).detach()
-            accept = ~found & (trial <= value + armijo * step * slope)
-            chosen = torch.where(accept, torch.full_like(chosen, step), chosen)
-            found = found | accept
-            step *= shrink
+        def trial(step: float, d: Params = direction, x: Params = params) -> torch.Tensor:
+            return objective(tree_axpy(step, d, x)).detach()
+
+        chosen = armijo_step(
+            trial,
+            value,
+            slope,
+            lr=lr,
+            steps=line_search_steps,
+            armijo=armijo,
+            shrink=shrink,
+        )
         params = {k: v + chosen * direction[k] for k, v in params.items()}
     return params
