@@ -60,7 +60,6 @@ import torch
 from scipy.sparse.linalg import LinearOperator, minres  # type: ignore[import-untyped]
 
 from implicit_meta import CGStatus
-from implicit_meta._module import functional_inner_loss, functional_loss, split_state
 from implicit_meta.data import EpisodeSampler
 from implicit_meta.fewshot import TrainConfig, build_meta_optimizer, build_model
 from implicit_meta.fewshot.evaluation import confidence_interval, episode_accuracies
@@ -69,6 +68,7 @@ from implicit_meta.fewshot.meta_batch import meta_train_step
 from implicit_meta.fewshot.meta_splits import load_splits
 from implicit_meta.functional import curvature_products, solve_adjoint, solve_inner
 from implicit_meta.functional.curvature import resolve_curvature
+from implicit_meta.module_losses import functional_inner_loss, functional_loss, split_state
 from implicit_meta.solvers import get_inner_solver
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -43,8 +43,8 @@ from scipy.sparse.linalg import LinearOperator, minres  # type: ignore[import-un
 from benchmarks import _setting as S
 from implicit_meta.data import EpisodeSampler, load_omniglot
 from implicit_meta.functional import CGStatus, conjugate_gradient, make_hvp
-from implicit_meta.functional._tree import tree_axpy, tree_norm, tree_sub
 from implicit_meta.functional.implicit import proximal_objective
+from implicit_meta.functional.tree import tree_axpy, tree_norm, tree_sub
 from implicit_meta.solvers import sgd
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -36,9 +36,9 @@ import torch
 from torch import Tensor
 
 from benchmarks import _setting as S
-from implicit_meta._module import functional_loss, split_state
 from implicit_meta.functional._grad import grad as autograd_grad
 from implicit_meta.functional.implicit import proximal_objective
+from implicit_meta.module_losses import functional_loss, split_state
 
 VARIANTS = (
     "eager_autograd",

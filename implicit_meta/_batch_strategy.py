@@ -13,8 +13,8 @@ import torch
 import torch.utils._pytree as pytree
 
 from implicit_meta._task_axis import select_task, task_in_dims
-from implicit_meta.functional._tree import Params
 from implicit_meta.functional.implicit import TaskGradient
+from implicit_meta.functional.tree import Params
 from implicit_meta.solvers.registry import vmap_unsupported_reason
 
 TaskFn = Callable[[Any, Any, Params, Params], TaskGradient]

@@ -17,10 +17,10 @@ import torch.utils._pytree as pytree
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 
-from implicit_meta._module import dtype_mismatch
-from implicit_meta.functional._tree import Params
 from implicit_meta.functional.cg import CGStatus
 from implicit_meta.functional.implicit import TaskGradient
+from implicit_meta.functional.tree import Params
+from implicit_meta.module_losses import dtype_mismatch
 
 CURVATURE_REMEDY = (
     "Remedy: the positive semidefinite Gauss-Newton curvature: state the inner loss as "

@@ -22,18 +22,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from implicit_meta._module import (
+from implicit_meta.functional.adjoint import ImplicitAdjoint
+from implicit_meta.functional.curvature import ComposedLoss
+from implicit_meta.functional.implicit import TaskGradient
+from implicit_meta.functional.partial import Contexts, LossAt, partial_task_meta_gradient
+from implicit_meta.functional.tree import Params
+from implicit_meta.losses import OutputLoss, split_batch
+from implicit_meta.module_losses import (
     LossFn,
     functional_inner_loss,
     functional_loss_and_aux,
     split_loss_and_aux,
 )
-from implicit_meta.functional._tree import Params
-from implicit_meta.functional.adjoint import ImplicitAdjoint
-from implicit_meta.functional.curvature import ComposedLoss
-from implicit_meta.functional.implicit import TaskGradient
-from implicit_meta.functional.partial import Contexts, LossAt, partial_task_meta_gradient
-from implicit_meta.losses import OutputLoss, split_batch
 from implicit_meta.problem import InnerProblem
 
 TaskFn = Callable[[Any, Any, Params, Params], TaskGradient]

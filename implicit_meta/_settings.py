@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from implicit_meta.functional._checks import check_bool, check_int, check_real
-from implicit_meta.functional._tree import Params
 from implicit_meta.functional.adjoint import ImplicitAdjoint
+from implicit_meta.functional.tree import Params
 from implicit_meta.solvers.first_order import check_momentum, proximal_step_limit, sgd
 from implicit_meta.solvers.registry import check_solver_options
 from implicit_meta.solvers.torch_optim import TorchOptimizerSolver, check_torch_optimizer_options

@@ -21,7 +21,6 @@ import torch
 from torch import Tensor, nn
 
 from implicit_meta._diagnostics import eval_mode_warning, naming_batch_errors
-from implicit_meta._module import LossFn, check_batch, functional_loss, split_state
 from implicit_meta._partial_task import (
     HeadSplit,
     find_head_split,
@@ -29,11 +28,12 @@ from implicit_meta._partial_task import (
     head_split_mismatch,
 )
 from implicit_meta.functional._stack import user_stacklevel
-from implicit_meta.functional._tree import Params, tree_norm
 from implicit_meta.functional.adjoint import stationarity
 from implicit_meta.functional.curvature import _grad_and_value
 from implicit_meta.functional.implicit import _ratio, _start_gradient, solve_inner
+from implicit_meta.functional.tree import Params, tree_norm
 from implicit_meta.losses import OutputLoss, split_batch
+from implicit_meta.module_losses import LossFn, check_batch, functional_loss, split_state
 from implicit_meta.problem import AdaptSpec, InnerProblem, adapted_parameter_names
 from implicit_meta.solvers.resolve import InnerSpec
 

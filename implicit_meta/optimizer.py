@@ -18,14 +18,6 @@ from implicit_meta._diagnostics import (
     eval_mode_warning,
     naming_batch_errors,
 )
-from implicit_meta._module import (
-    LossFn,
-    check_batch,
-    functional_inner_loss,
-    functional_loss,
-    functional_loss_and_aux,
-    split_state,
-)
 from implicit_meta._partial_task import (
     HeadSplit,
     TaskFn,
@@ -45,11 +37,19 @@ from implicit_meta._settings import (
 from implicit_meta._task_axis import check_task_dimension, select_task, task_count
 from implicit_meta.adaptation import AdaptedModel, adapt_with_solver
 from implicit_meta.functional._stack import user_stacklevel
-from implicit_meta.functional._tree import Params
 from implicit_meta.functional.adjoint import ImplicitAdjoint
 from implicit_meta.functional.curvature import CurvatureFn, resolve_curvature
 from implicit_meta.functional.implicit import TaskGradient, task_meta_gradient
+from implicit_meta.functional.tree import Params
 from implicit_meta.losses import split_batch
+from implicit_meta.module_losses import (
+    LossFn,
+    check_batch,
+    functional_inner_loss,
+    functional_loss,
+    functional_loss_and_aux,
+    split_state,
+)
 from implicit_meta.problem import (
     AdaptSpec,
     InnerProblem,

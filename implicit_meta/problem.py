@@ -19,8 +19,8 @@ from torch import nn
 
 from implicit_meta._settings import check_inner_solver
 from implicit_meta.functional._checks import check_bool, check_int, check_real
-from implicit_meta.functional._tree import Params
 from implicit_meta.functional.adjoint import ImplicitAdjoint
+from implicit_meta.functional.tree import Params
 from implicit_meta.solvers.resolve import InnerSpec, resolve_inner_solver
 
 __all__ = [

@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import implicit_meta as im
-from implicit_meta._module import functional_inner_loss, split_state
 from implicit_meta.fewshot import TrainConfig, build_meta_optimizer
 from implicit_meta.functional import CGStatus, ImplicitAdjoint, solve_adjoint
+from implicit_meta.module_losses import functional_inner_loss, split_state
 from implicit_meta.solvers import get_inner_solver
 from implicit_meta.solvers.first_order import proximal_step_limit
 from tests.conftest import dense_hessian, flatten, rel_err, unflatten

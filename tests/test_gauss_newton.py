@@ -9,10 +9,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import implicit_meta as im
-from implicit_meta._module import functional_inner_loss, split_state
 from implicit_meta.functional import CGStatus, ComposedLoss, gauss_newton_products
 from implicit_meta.functional.adjoint import ImplicitAdjoint, solve_adjoint
 from implicit_meta.models import Conv4
+from implicit_meta.module_losses import functional_inner_loss, split_state
 from tests.conftest import flatten, unflatten
 
 

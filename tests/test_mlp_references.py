@@ -9,7 +9,7 @@ import torchopt
 from torch import Tensor, nn
 
 import implicit_meta as im
-from implicit_meta._module import functional_loss, split_state
+from implicit_meta.module_losses import functional_loss, split_state
 from tests.conftest import dense_hessian, flatten, rel_err
 
 REG = 2.0

@@ -230,7 +230,7 @@ def test_adapt_all_is_todays_meta_gradient_bit_for_bit():
     explicit = _meta_grads(model, CE, support, query, adapt="all", **settings)
     # The functional core, called directly with today's arguments, is the reference.
     theta = {k: v.detach() for k, v in model.named_parameters()}
-    from implicit_meta._module import functional_inner_loss, functional_loss_and_aux
+    from implicit_meta.module_losses import functional_inner_loss, functional_loss_and_aux
 
     inner = functional_inner_loss(model, CE, support, {}, {})
     outer = functional_loss_and_aux(model, CE, query, {}, {})

@@ -5,7 +5,6 @@ Everything here works on parameter dicts (name -> tensor) and plain functions of
 it composes with ``torch.func.vmap``.
 """
 
-from implicit_meta.functional._tree import Params
 from implicit_meta.functional.adjoint import AdjointSolve, ImplicitAdjoint, solve_adjoint
 from implicit_meta.functional.cg import CGResult, CGStatus, conjugate_gradient
 from implicit_meta.functional.curvature import (
@@ -32,6 +31,7 @@ from implicit_meta.functional.implicit import (
     task_meta_gradient,
 )
 from implicit_meta.functional.partial import partial_task_meta_gradient
+from implicit_meta.functional.tree import Params
 
 __all__ = [
     "CURVATURES",

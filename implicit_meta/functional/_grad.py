@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from implicit_meta.functional._tree import Params
+from implicit_meta.functional.tree import Params
 
 
 def inside_transform() -> bool:

@@ -25,7 +25,6 @@ import torch
 from torch import Tensor
 
 from implicit_meta.functional._checks import check_int, check_real
-from implicit_meta.functional._tree import Params, tree_axpy, tree_norm, tree_scale, tree_sub
 from implicit_meta.functional.cg import CGResult, CGStatus, conjugate_gradient
 from implicit_meta.functional.curvature import (
     CURVATURES,
@@ -35,6 +34,7 @@ from implicit_meta.functional.curvature import (
     resolve_curvature,
 )
 from implicit_meta.functional.hvp import ScalarFn, resolve_hvp_mode
+from implicit_meta.functional.tree import Params, tree_axpy, tree_norm, tree_scale, tree_sub
 
 IMPLICIT_CG_STEPS = 5
 """CG steps an adjoint takes when a system is chosen but ``cg_steps`` is not."""

@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from implicit_meta.functional._tree import (
+from implicit_meta.functional.tree import (
     Params,
     tree_axpy,
     tree_dot,

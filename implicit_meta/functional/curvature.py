@@ -27,8 +27,8 @@ from torch import Tensor
 
 from implicit_meta.functional._attention import math_attention, with_math_attention
 from implicit_meta.functional._grad import inside_transform
-from implicit_meta.functional._tree import Params
 from implicit_meta.functional.hvp import HVPFn, ScalarFn, value_grad_and_hvp
+from implicit_meta.functional.tree import Params
 
 CURVATURES: tuple[str, ...] = ("auto", "hessian", "gauss_newton")
 """Named curvatures; ``"auto"`` is Gauss-Newton for a :class:`ComposedLoss`, else the Hessian."""

@@ -32,7 +32,7 @@ from torch import Tensor
 from implicit_meta.functional._attention import math_attention, with_math_attention
 from implicit_meta.functional._grad import inside_transform
 from implicit_meta.functional._stack import user_stacklevel
-from implicit_meta.functional._tree import Params
+from implicit_meta.functional.tree import Params
 
 HVPMode = Literal["auto", "reverse_over_reverse", "forward_over_reverse"]
 """How Hessian-vector products are computed; ``"auto"`` picks the measured-faster one."""

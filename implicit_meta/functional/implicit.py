@@ -21,7 +21,6 @@ import torch
 from torch import Tensor
 
 from implicit_meta.functional._grad import inside_transform
-from implicit_meta.functional._tree import Params, tree_norm
 from implicit_meta.functional.adjoint import (
     AdjointSolve,
     ImplicitAdjoint,
@@ -30,6 +29,7 @@ from implicit_meta.functional.adjoint import (
 )
 from implicit_meta.functional.cg import CGResult
 from implicit_meta.functional.hvp import ScalarFn
+from implicit_meta.functional.tree import Params, tree_norm
 
 InnerSolverFn = Callable[..., Params]
 

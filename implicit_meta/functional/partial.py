@@ -33,7 +33,6 @@ import torch
 import torch.utils._pytree as pytree
 
 from implicit_meta.functional._attention import math_attention
-from implicit_meta.functional._tree import Params, tree_dot, tree_scale
 from implicit_meta.functional.adjoint import ImplicitAdjoint, solve_adjoint
 from implicit_meta.functional.hvp import ScalarFn
 from implicit_meta.functional.implicit import (
@@ -44,6 +43,7 @@ from implicit_meta.functional.implicit import (
     solve_inner,
     task_gradient,
 )
+from implicit_meta.functional.tree import Params, tree_dot, tree_scale
 
 Contexts = Callable[[Params], tuple[Any, Any]]
 """``contexts(w) -> (support_context, query_context)``: what the losses read of ``w``."""

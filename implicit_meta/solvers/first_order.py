@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torchopt
 
 from implicit_meta.functional._grad import grad
-from implicit_meta.functional._tree import Params
+from implicit_meta.functional.tree import Params
 from implicit_meta.solvers.registry import Objective, inner_solver
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from implicit_meta.functional._tree import Params
+from implicit_meta.functional.tree import Params
 from implicit_meta.solvers.registry import Objective, inner_solver
 from implicit_meta.solvers.torch_optim import torch_optimizer_solver
 

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from implicit_meta.functional._attention import math_attention
-from implicit_meta.functional._tree import Params
+from implicit_meta.functional.tree import Params
 from implicit_meta.solvers._line_search import armijo_step
 from implicit_meta.solvers.registry import Objective, inner_solver
 

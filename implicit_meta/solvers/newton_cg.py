@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from implicit_meta.functional._tree import Params, tree_axpy, tree_dot, tree_norm, tree_scale
 from implicit_meta.functional.cg import conjugate_gradient
 from implicit_meta.functional.hvp import value_grad_and_hvp
+from implicit_meta.functional.tree import Params, tree_axpy, tree_dot, tree_norm, tree_scale
 from implicit_meta.solvers._line_search import armijo_step
 from implicit_meta.solvers.registry import Objective, inner_solver
 

@@ -16,7 +16,7 @@ from typing import Any, Protocol, TypeVar, overload
 from torch import Tensor
 
 from implicit_meta.functional._checks import check_bool
-from implicit_meta.functional._tree import Params
+from implicit_meta.functional.tree import Params
 
 Objective = Callable[[Params], Tensor]
 """The full proximal inner objective ``L_in(phi) + reg/2 ||phi - theta||^2`` of a parameter dict."""

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import torch
 
-from implicit_meta.functional._tree import Params
+from implicit_meta.functional.tree import Params
 from implicit_meta.solvers.registry import get_inner_solver, registered_name
 from implicit_meta.solvers.torch_optim import torch_optimizer_solver
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from implicit_meta.functional._tree import Params
+from implicit_meta.functional.tree import Params
 from implicit_meta.solvers.registry import Objective, declare_solver, solver_options
 
 

@@ -15,8 +15,8 @@ import torch
 import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
-from implicit_meta.functional._tree import Params
 from implicit_meta.functional.curvature import ComposedLoss
+from implicit_meta.functional.tree import Params
 from implicit_meta.losses import OutputLoss, split_batch
 
 LossFn = Callable[[nn.Module, Any], Any]
