@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from benchmarks import _setting as S
-from implicit_meta.functional._grad import grad as autograd_grad
+from implicit_meta.functional.grad import grad as autograd_grad
 from implicit_meta.functional.implicit import proximal_objective
 from implicit_meta.module_losses import functional_loss, split_state
 

@@ -1,4 +1,4 @@
-"""Register your own inner solver with ``@im.inner_solver`` and meta-train with it.
+"""Register your own inner solver with ``@im.register_inner_solver`` and meta-train with it.
 
 An inner solver is a plain function ``solver(objective, params, *, steps, lr, **options)`` that
 minimises the proximal task objective ``objective(params)`` (a scalar function of a dict of
@@ -32,7 +32,7 @@ from implicit_meta.fewshot import TrainConfig, train
 Params = dict[str, Tensor]
 
 
-@im.inner_solver("clipped_cosine_gd")
+@im.register_inner_solver("clipped_cosine_gd")
 def clipped_cosine_gd(
     objective: Callable[[Params], Tensor],
     params: Params,

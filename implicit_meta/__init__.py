@@ -16,8 +16,8 @@ from implicit_meta.problem import InnerProblem
 from implicit_meta.result import MetaBackwardResult
 from implicit_meta.solvers import (
     get_inner_solver,
-    inner_solver,
     list_inner_solvers,
+    register_inner_solver,
     torch_optimizer_solver,
     unregister_inner_solver,
 )
@@ -37,9 +37,9 @@ __all__ = [
     "adapt",
     "functional",
     "get_inner_solver",
-    "inner_solver",
     "list_inner_solvers",
     "output_loss",
+    "register_inner_solver",
     "torch_optimizer_solver",
     "unregister_inner_solver",
 ]

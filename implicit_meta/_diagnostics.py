@@ -418,3 +418,31 @@ def curvature_warning(system: str, bad: int, count: int) -> str:
         + CURVATURE_REMEDY
         + " (shown once per optimizer; cg_status marks each affected task)"
     )
+
+
+def step_warnings(
+    checks: TaskChecks, count: int, system: str, solver: str | None, lr: float
+) -> dict[str, str]:
+    """The warnings a checked meta-step gives, by the key each is shown once under.
+
+    Args:
+        checks: What :func:`check_finite_tasks` found.
+        count: Tasks in the call.
+        system: The adjoint system in use, as :meth:`ImplicitAdjoint.describe` words it.
+        solver: The inner solver's name, if it has one.
+        lr: The inner learning rate.
+
+    Returns:
+        ``"curvature"`` (see :func:`curvature_warning`) and ``"diverged"`` (see
+        :func:`divergence_warning`) where they apply.
+
+    Example:
+        >>> step_warnings(TaskChecks(0, 0, 0.0), 4, "first-order", "sgd", 0.1)
+        {}
+    """
+    found: dict[str, str] = {}
+    if checks.nonpositive_curvature:
+        found["curvature"] = curvature_warning(system, checks.nonpositive_curvature, count)
+    if checks.diverged:
+        found["diverged"] = divergence_warning(checks, count, solver, lr)
+    return found

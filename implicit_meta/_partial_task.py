@@ -160,6 +160,25 @@ def head_split_mismatch(split: HeadSplit, state: Mapping[str, Tensor], inputs: A
     )
 
 
+def solver_settings(problem: InnerProblem) -> dict[str, Any]:
+    """The keyword arguments a task's meta-gradient takes from the inner problem.
+
+    Args:
+        problem: The inner problem.
+
+    Returns:
+        ``steps``, ``lr``, ``solver_options`` (a fresh dict), ``compile_objective``, and
+        ``has_aux=True`` (the outer loss may return ``(loss, aux)``).
+    """
+    return {
+        "steps": problem.steps,
+        "lr": problem.lr,
+        "solver_options": dict(problem.options or {}),
+        "has_aux": True,
+        "compile_objective": problem.compile,
+    }
+
+
 def _solve(
     problem: InnerProblem,
     adjoint: ImplicitAdjoint,
@@ -178,11 +197,7 @@ def _solve(
         shared,
         problem.solver_fn,
         adjoint,
-        steps=problem.steps or 0,
-        lr=problem.lr or 0.0,
-        solver_options=dict(problem.options or {}),
-        has_aux=True,
-        compile_objective=problem.compile,
+        **solver_settings(problem),
     )
 
 

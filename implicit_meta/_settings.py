@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from implicit_meta.functional._checks import check_bool, check_int, check_real
+from implicit_meta.functional._checks import check_int, check_real
 from implicit_meta.functional.adjoint import ImplicitAdjoint
 from implicit_meta.functional.tree import Params
 from implicit_meta.solvers.first_order import check_momentum, proximal_step_limit, sgd
 from implicit_meta.solvers.registry import check_solver_options
 from implicit_meta.solvers.torch_optim import TorchOptimizerSolver, check_torch_optimizer_options
+
+if TYPE_CHECKING:
+    from implicit_meta.problem import InnerProblem
 
 
 def check_model_and_optimizer(model: object, outer_optimizer: object) -> None:
@@ -90,55 +93,83 @@ def unoptimized_warning(model: nn.Module, outer_optimizer: torch.optim.Optimizer
     )
 
 
-def saved_settings(saved: Mapping[str, Any]) -> dict[str, Any]:
-    """The settings of a state dict, in today's layout, with the keys every layout needs.
+def settings_dict(
+    problem: InnerProblem, adjoint: ImplicitAdjoint, adapted: tuple[str, ...]
+) -> dict[str, Any]:
+    """The meta-optimizer's settings as plain Python values (see :func:`restored_settings`).
 
     Args:
-        saved: ``state_dict["settings"]`` as :meth:`ImplicitMetaOptimizer.settings` wrote it,
-            now or before the adjoint existed (its fields then sat at the top level).
+        problem: The inner problem.
+        adjoint: The adjoint, with the problem's ``reg``.
+        adapted: The adapted names (stored for an ``adapt`` that is a module or a predicate).
 
     Returns:
-        A copy with the adjoint's fields under ``"adjoint"``.
-
-    Raises:
-        ValueError: If a required setting is missing.
+        ``adapt``, ``inner`` (the solver's name, ``None`` for an unregistered function),
+        ``inner_steps``, ``inner_lr``, ``inner_options``, ``compile_inner`` and ``adjoint``.
     """
-    raw = dict(saved)
-    if "adjoint" not in raw:
-        # Settings saved before the adjoint existed keep its fields at the top level.
-        missing = {"reg", "inner_steps", "inner_lr", "cg_steps", "cg_tol", "hvp"} - set(raw)
-        if missing:
-            raise ValueError(f"state_dict settings lack {sorted(missing)}")
-        raw["adjoint"] = {k: raw.pop(k) for k in ("reg", "cg_steps", "cg_tol", "hvp")}
-    missing = {"inner_steps", "inner_lr"} - set(raw)
-    if missing:
-        raise ValueError(f"state_dict settings lack {sorted(missing)}")
-    return raw
+    return {
+        "adapt": problem.to_dict(adapted)["adapt"],
+        "inner": problem.solver_name,
+        "inner_steps": problem.steps,
+        "inner_lr": problem.lr,
+        "inner_options": dict(problem.options or {}),
+        "compile_inner": problem.compile,
+        "adjoint": adjoint.to_dict(),
+    }
 
 
-def validated_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
-    """The inner-loop settings, checked (the linear solve's live in :class:`ImplicitAdjoint`).
+def restored_settings(
+    state_dict: object, problem: InnerProblem, adjoint: ImplicitAdjoint
+) -> tuple[InnerProblem, ImplicitAdjoint]:
+    """The inner problem and adjoint of a meta-optimizer's state dict, validated.
+
+    Nothing is changed: the caller applies the result once everything else has loaded.
 
     Args:
-        settings: ``inner_steps``, ``inner_lr``, and optionally ``inner_options`` and
-            ``compile_inner``.
+        state_dict: ``{"outer_optimizer": ..., "settings": ...}``, the settings as
+            :func:`settings_dict` wrote them: ``adjoint``, ``inner_steps``, ``inner_lr``, and
+            optionally ``adapt``, ``inner``, ``inner_options`` and ``compile_inner``.
+        problem: The current problem (its solver is kept where ``inner`` is ``None``, an
+            unregistered function).
+        adjoint: The current adjoint (its custom curvature function is kept likewise).
 
     Returns:
-        The four settings as plain values (``inner_options`` a fresh dict).
+        ``(problem, adjoint)``, the adjoint with the problem's ``reg``.
 
     Raises:
         TypeError: If a setting has the wrong type.
-        ValueError: If ``inner_steps`` is negative or ``inner_lr`` is not positive and finite.
+        ValueError: If a key or a required setting is missing, or a value is invalid (checked
+            as in the constructor).
     """
-    options = settings.get("inner_options")
-    if options is not None and not isinstance(options, Mapping):
-        raise TypeError(f"inner_options must be a dict or None, got {type(options).__name__}")
-    return {
-        "inner_steps": check_int(settings["inner_steps"], "inner_steps", 0),
-        "inner_lr": check_real(settings["inner_lr"], "inner_lr", positive=True),
-        "inner_options": dict(options or {}),
-        "compile_inner": check_bool(settings.get("compile_inner", False), "compile_inner"),
-    }
+    from implicit_meta.problem import InnerProblem  # problem.py imports this module
+
+    if not isinstance(state_dict, Mapping) or not {"outer_optimizer", "settings"} <= set(
+        state_dict
+    ):
+        raise ValueError("state_dict must hold 'outer_optimizer' and 'settings'")
+    settings = state_dict["settings"]
+    if not isinstance(settings, Mapping):
+        raise ValueError(f"state_dict settings must be a dict, got {type(settings).__name__}")
+    missing = {"adjoint", "inner_steps", "inner_lr"} - set(settings)
+    if missing:
+        raise ValueError(f"state_dict settings lack {sorted(missing)}")
+    if not isinstance(settings["adjoint"], Mapping):
+        raise TypeError(f"settings['adjoint'] must be a dict, got {settings['adjoint']!r}")
+    current = adjoint.curvature
+    restored = ImplicitAdjoint.from_dict(
+        settings["adjoint"], curvature=None if isinstance(current, str) else current
+    )
+    name, adapt = settings.get("inner"), settings.get("adapt", "all")
+    loaded = InnerProblem(
+        adapt=tuple(adapt) if isinstance(adapt, list) else adapt,
+        reg=restored.reg,
+        solver=problem.solver_fn if name is None else str(name),
+        steps=check_int(settings["inner_steps"], "inner_steps", 0),
+        lr=check_real(settings["inner_lr"], "inner_lr", positive=True),
+        options=settings.get("inner_options"),
+        compile=settings.get("compile_inner", False),
+    )
+    return loaded, restored
 
 
 def resolve_adjoint(
@@ -178,7 +209,7 @@ def check_inner_solver(
     Args:
         solver: The inner solver.
         inner_name: Its name, if it has one.
-        settings: What :func:`validated_settings` returned.
+        settings: ``inner_lr`` and ``inner_options``, already checked.
         reg: The proximal strength.
 
     Raises:

@@ -134,3 +134,28 @@ def task_in_dims(batch: Any) -> Any:
         A structure like ``batch`` with 0 or ``None`` leaves.
     """
     return pytree.tree_map(lambda x: 0 if isinstance(x, Tensor) else None, batch)
+
+
+def first_task(support: Any, query: Any, num_tasks: int | None) -> tuple[int, tuple[Any, Any]]:
+    """The number of tasks and the first task's batches, once the task dimension is checked.
+
+    Args:
+        support: Support batches, tensors shaped ``[T, ...]``.
+        query: Query batches, tensors shaped ``[T, ...]``.
+        num_tasks: The number of tasks the caller stated, or ``None``.
+
+    Returns:
+        ``(T, (support_0, query_0))``.
+
+    Raises:
+        ValueError: As :func:`task_count` and :func:`check_task_dimension`.
+
+    Example:
+        >>> import torch
+        >>> count, (s0, _) = first_task((torch.zeros(3, 5, 2),), (torch.zeros(3, 4, 2),), None)
+        >>> count, s0[0].shape
+        (3, torch.Size([5, 2]))
+    """
+    count = task_count(support, query)
+    check_task_dimension(support, query, count, num_tasks)
+    return count, (select_task(support, 0), select_task(query, 0))

@@ -29,12 +29,18 @@ from implicit_meta._partial_task import (
 )
 from implicit_meta.functional._stack import user_stacklevel
 from implicit_meta.functional.adjoint import stationarity
-from implicit_meta.functional.curvature import _grad_and_value
-from implicit_meta.functional.implicit import _ratio, _start_gradient, solve_inner
+from implicit_meta.functional.grad import grad_and_value
+from implicit_meta.functional.implicit import safe_ratio, solve_inner, start_gradient
 from implicit_meta.functional.tree import Params, tree_norm
 from implicit_meta.losses import OutputLoss, split_batch
 from implicit_meta.module_losses import LossFn, check_batch, functional_loss, split_state
-from implicit_meta.problem import AdaptSpec, InnerProblem, adapted_parameter_names
+from implicit_meta.problem import (
+    SHORTHANDS,
+    AdaptSpec,
+    InnerProblem,
+    adapted_parameter_names,
+    resolve_problem,
+)
 from implicit_meta.solvers.resolve import InnerSpec
 
 
@@ -67,7 +73,7 @@ class AdaptedModel:
     @functools.cached_property
     def stationarity(self) -> Tensor:
         """``||grad L_in(phi*) + reg (phi* - theta)||`` (detached), zero at the inner optimum."""
-        gradient, _ = _grad_and_value(self._objective, self.params)
+        gradient, _ = grad_and_value(self._objective, self.params)
         return stationarity(gradient, self.params, self._theta, self._reg)
 
     @functools.cached_property
@@ -77,8 +83,8 @@ class AdaptedModel:
         Well below 1 when the inner problem was solved, near 1 when it was barely started,
         above 1 when it diverged.
         """
-        start = _start_gradient(self._objective, self._theta)
-        return _ratio(self.stationarity, tree_norm(start).detach())
+        start = start_gradient(self._objective, self._theta)
+        return safe_ratio(self.stationarity, tree_norm(start).detach())
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """The model's output at the adapted parameters.
@@ -189,12 +195,12 @@ def adapt(
     loss_fn: LossFn,
     support: Any,
     *,
-    reg: float,
+    reg: float | None = None,
     inner: InnerSpec | None = None,
     inner_steps: int | None = None,
     inner_lr: float | None = None,
     inner_options: Mapping[str, Any] | None = None,
-    adapt: AdaptSpec = "all",
+    adapt: AdaptSpec | None = None,
 ) -> AdaptedModel:
     """Adapt ``model`` to one task's support batch with an inner solver, nothing else.
 
@@ -211,11 +217,12 @@ def adapt(
         model: The (meta-trained) model.
         loss_fn: ``loss_fn(module, batch) -> scalar tensor`` on the support batch.
         support: The task's support batch.
-        reg: Proximal strength ``lambda > 0``, as in meta-training.
+        reg: Proximal strength ``lambda > 0``, as in meta-training (default: 1, or 0.5
+            when only part of the model adapts; see :class:`~implicit_meta.InnerProblem`).
         inner: A registered solver name, a solver function or a ``torch.optim.Optimizer``
             subclass (see :class:`~implicit_meta.InnerProblem`; default ``"sgd"``, or
             ``"newton"`` when only part of the model adapts).
-        inner_steps: Inner steps (default 16, or 8 Newton steps for a part).
+        inner_steps: Inner steps (default 5, or 8 Newton steps for a part).
         inner_lr: Inner learning rate (default 0.1, or 1.0 for Newton steps).
         inner_options: Extra keyword arguments for the solver.
         adapt: Which parameters adapt (see :attr:`~implicit_meta.InnerProblem.adapt`); the
@@ -244,14 +251,15 @@ def adapt(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    problem = InnerProblem(
-        adapt=adapt,
-        reg=reg,
-        solver=inner,
-        steps=inner_steps,
-        lr=inner_lr,
-        options=inner_options,
-    )
+    shorthands = {
+        "adapt": adapt,
+        "reg": reg,
+        "inner": inner,
+        "inner_steps": inner_steps,
+        "inner_lr": inner_lr,
+        "inner_options": inner_options,
+    }
+    problem = resolve_problem(None, {SHORTHANDS[k]: v for k, v in shorthands.items()})
     adapted = adapted_parameter_names(model, problem.adapt)
     mode_warning = eval_mode_warning(model)
     if mode_warning is not None:

@@ -14,7 +14,10 @@ Example:
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import inspect
 import json
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -24,107 +27,58 @@ from typing import Any
 import implicit_meta as im
 from implicit_meta.distributed import launch_rank, launch_world_size
 from implicit_meta.fewshot.checkpoint import load_checkpoint
-from implicit_meta.fewshot.checks import check_config
-from implicit_meta.fewshot.config import (
-    ADAPT_CHOICES,
-    DATASETS,
-    DEVICES,
-    LR_SCHEDULES,
-    PROTOCOLS,
-    TASK_STRATEGIES,
-    TrainConfig,
-)
+from implicit_meta.fewshot.config import DEVICES, TrainConfig, field_choices, field_type
 from implicit_meta.fewshot.device import DeviceUnavailableError
 from implicit_meta.fewshot.evaluation import EvaluationResult
 from implicit_meta.fewshot.loading import evaluate_checkpoint, resolve_checkpoint
 from implicit_meta.fewshot.run_files import CHECKPOINT_NAME
 from implicit_meta.fewshot.trainer import train
-from implicit_meta.functional.curvature import CURVATURES
-from implicit_meta.functional.hvp import HVP_MODES
-from implicit_meta.models import list_backbones
 
 __all__ = ["build_parser", "main"]
 
 _PROG = "implicit-meta"
 _DEFAULTS = TrainConfig()
 
-# Flag -> (TrainConfig field, type, help). Defaults are SUPPRESSed in argparse so that the
-# namespace holds only the flags the user typed: a resumed run keeps the checkpoint's values for
-# everything else instead of silently falling back to the defaults.
-_TRAIN_FLAGS: tuple[tuple[str, str, type, str], ...] = (
-    ("--ways", "ways", int, "classes per task (N)"),
-    ("--shots", "shots", int, "support images per class (K)"),
-    ("--queries", "queries", int, "query images per class"),
-    ("--backbone", "backbone", str, f"model: {', '.join(list_backbones())}"),
-    (
-        "--inner",
-        "inner",
-        str,
-        "inner solver: a registered name or torch.optim.<Name> (default: sgd, or newton with "
-        "--adapt head)",
-    ),
-    (
-        "--inner-steps",
-        "inner_steps",
-        int,
-        "inner solver steps per task (default: 5, or 8 Newton steps with --adapt head)",
-    ),
-    ("--inner-lr", "inner_lr", float, "inner learning rate (default: 0.1, or 1 with --adapt head)"),
-    (
-        "--reg",
-        "reg",
-        float,
-        "proximal regularisation strength lambda (default: 1, or 0.5 with --adapt head)",
-    ),
-    (
-        "--cg-steps",
-        "cg_steps",
-        int,
-        "conjugate-gradient iterations per task; 0 is first-order, and unset it is first-order "
-        "unless --curvature, --damping or --curvature-scale is given, then 5",
-    ),
-    ("--cg-tol", "cg_tol", float, "CG's relative residual tolerance"),
-    ("--damping", "damping", float, "delta >= 0 added to the curvature's diagonal"),
-    (
-        "--curvature-scale",
-        "curvature_scale",
-        float,
-        "factor on the curvature (to reproduce another code's system)",
-    ),
-    ("--meta-batch", "meta_batch", int, "tasks per meta-step"),
-    ("--meta-steps", "meta_steps", int, "meta-steps of the run (the cosine spans them)"),
-    ("--meta-lr", "meta_lr", float, "Adam learning rate of the meta-parameters"),
-    (
-        "--time-budget",
-        "time_budget",
-        float,
-        "seconds of meta-training after which this call stops with a checkpoint, to be "
-        "continued with --resume (0: none); never changes the result",
-    ),
-    (
-        "--eval-episodes",
-        "eval_episodes",
-        int,
-        "test episodes evaluated at the end, also for the untrained init (0: skip)",
-    ),
-    (
-        "--val-classes",
-        "val_classes",
-        int,
-        "Omniglot meta-train characters held out for validation",
-    ),
-    (
-        "--val-episodes",
-        "val_episodes",
-        int,
-        "validation episodes per validation; the best model is kept in best.pt (0: none)",
-    ),
-    ("--val-every", "val_every", int, "meta-steps between validations"),
-    ("--seed", "seed", int, "seed of the initialisation and the task streams"),
-    ("--threads", "threads", int, "CPU threads for torch (0: one per available core)"),
-    ("--log-every", "log_every", int, "meta-steps between metrics.jsonl records"),
-    ("--checkpoint-every", "checkpoint_every", int, "meta-steps between checkpoints"),
-)
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """Each attribute's text in the ``Attributes:`` section of ``cls``'s docstring, one line.
+
+    The command line's help comes from here, so that a :class:`TrainConfig` field is documented
+    once, for the API reference and for ``--help`` alike.
+    """
+    doc = inspect.cleandoc(cls.__doc__ or "")
+    section = doc.split("\nAttributes:\n", 1)[-1].split("\n\n", 1)[0]
+    docs: dict[str, str] = {}
+    name = ""
+    for line in section.splitlines():
+        entry = re.match(r"^ {4}(\w+): (.*)$", line)
+        if entry:
+            name, docs[entry.group(1)] = entry.group(1), entry.group(2)
+        elif name and line.startswith(" " * 8):
+            docs[name] += " " + line.strip()
+    # Sphinx roles and literals read as plain words on a terminal.
+    plain = {k: re.sub(r":\w+:`~?(?:[\w.]+\.)?([\w.]+)`", r"\1", v) for k, v in docs.items()}
+    # On the command line a field left None is a flag not given.
+    unset = {k: re.sub(r"``None``", "unset", v) for k, v in plain.items()}
+    return {k: v.replace("``", "").replace("%", "%%") for k, v in unset.items()}
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per :class:`TrainConfig` field: name, type, choices and help from the field."""
+    docs = _field_docs(TrainConfig)
+    choices = field_choices()
+    for field in dataclasses.fields(TrainConfig):
+        name = field.name
+        default = getattr(_DEFAULTS, name)
+        text = docs[name] + ("" if default is None else f" (default: {default})")
+        flag = "--" + name.replace("_", "-")
+        kind, _ = field_type(name)
+        if kind is bool:
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, help=text)
+        elif name in choices:
+            parser.add_argument(flag, dest=name, choices=choices[name], help=text)
+        else:
+            parser.add_argument(flag, dest=name, type=kind, metavar=name.upper(), help=text)
 
 
 def _add_train(subparsers: Any) -> None:
@@ -140,82 +94,7 @@ def _add_train(subparsers: Any) -> None:
         ),
         argument_default=argparse.SUPPRESS,
     )
-    parser.add_argument(
-        "--dataset",
-        choices=DATASETS,
-        help=f"dataset (default: {_DEFAULTS.dataset})",
-    )
-    parser.add_argument(
-        "--root",
-        metavar="PATH",
-        help="dataset folder (default: the embedded Omniglot; required for mini-imagenet)",
-    )
-    parser.add_argument(
-        "--protocol", choices=PROTOCOLS, help=f"Omniglot split (default: {_DEFAULTS.protocol})"
-    )
-    parser.add_argument(
-        "--device", choices=DEVICES, help=f"where to train (default: {_DEFAULTS.device})"
-    )
-    parser.add_argument(
-        "--lr-schedule",
-        dest="lr_schedule",
-        choices=LR_SCHEDULES,
-        help=(
-            "meta learning rate: cosine decay from --meta-lr to 0 over --meta-steps, or "
-            f"constant (default: {_DEFAULTS.lr_schedule})"
-        ),
-    )
-    parser.add_argument(
-        "--adapt",
-        choices=ADAPT_CHOICES,
-        help=(
-            "what adapts per task: all parameters, or the classifier head on a shared body "
-            "meta-learned through the exact implicit gradient (CG 20 unless --cg-steps is "
-            "given); the head takes dense Newton steps unless --inner is given (default: "
-            f"{_DEFAULTS.adapt})"
-        ),
-    )
-    parser.add_argument(
-        "--curvature",
-        choices=CURVATURES,
-        help=(
-            "curvature of the meta-gradient's linear system: gauss_newton (positive "
-            "semidefinite), hessian (exact at a stationary inner solution, indefinite on ReLU "
-            f"networks), auto = gauss_newton for the cross-entropy (default: {_DEFAULTS.curvature})"
-        ),
-    )
-    parser.add_argument(
-        "--hvp",
-        choices=HVP_MODES,
-        help=f"Hessian-vector product strategy (default: {_DEFAULTS.hvp})",
-    )
-    parser.add_argument(
-        "--task-strategy",
-        dest="task_strategy",
-        choices=TASK_STRATEGIES,
-        help=(
-            "solve a meta-batch's tasks vectorised (vmap) or one after another (loop); auto: "
-            f"vmap on CUDA, the loop on the CPU (default: {_DEFAULTS.task_strategy})"
-        ),
-    )
-    parser.add_argument(
-        "--compile-inner",
-        dest="compile_inner",
-        action=argparse.BooleanOptionalAction,
-        help=(
-            "compile the inner objective with torch.compile: faster inner steps after a first "
-            f"compilation of tens of seconds (default: {_DEFAULTS.compile_inner})"
-        ),
-    )
-    for flag, field, kind, text in _TRAIN_FLAGS:
-        default = getattr(_DEFAULTS, field)
-        parser.add_argument(
-            flag,
-            dest=field,
-            type=kind,
-            metavar=field.upper(),
-            help=text if default is None else f"{text} (default: {default})",
-        )
+    _add_config_flags(parser)
     parser.add_argument(
         "--out",
         metavar="DIR",
@@ -292,19 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train_config(args: argparse.Namespace, out: Path) -> TrainConfig:
-    fields = {f for _, f, _, _ in _TRAIN_FLAGS} | {
-        "dataset",
-        "root",
-        "protocol",
-        "device",
-        "lr_schedule",
-        "task_strategy",
-        "compile_inner",
-        "curvature",
-        "hvp",
-        "adapt",
-    }
-    given = {k: v for k, v in vars(args).items() if k in fields}
+    names = {field.name for field in dataclasses.fields(TrainConfig)}
+    given = {k: v for k, v in vars(args).items() if k in names}
     if getattr(args, "resume", False):
         # Start from the stored config so flags not given keep the checkpoint's values.
         if not (out / CHECKPOINT_NAME).is_file():
@@ -327,7 +195,6 @@ def _run_train(args: argparse.Namespace) -> int:
     if getattr(args, "resume", False) and out_arg is None:
         raise ValueError("--resume needs --out DIR, the folder of the run to continue")
     config = _train_config(args, Path(out_arg) if out_arg else Path())
-    check_config(config)  # before anything is printed or created
     out = Path(out_arg) if out_arg else _default_out(config)
     progress = not getattr(args, "no_progress", False)
     # Under torchrun every rank runs this; rank 0 speaks for all of them.

@@ -19,12 +19,16 @@ from torch import nn
 
 from implicit_meta._settings import check_inner_solver
 from implicit_meta.functional._checks import check_bool, check_int, check_real
-from implicit_meta.functional.adjoint import ImplicitAdjoint
+from implicit_meta.functional.adjoint import DEFAULT_REG, ImplicitAdjoint
 from implicit_meta.functional.tree import Params
 from implicit_meta.solvers.resolve import InnerSpec, resolve_inner_solver
 
 __all__ = [
+    "DEFAULT",
     "PARTIAL_CG_STEPS",
+    "PARTIAL_DEFAULTS",
+    "SHORTHANDS",
+    "WHOLE_MODEL_DEFAULTS",
     "AdaptSpec",
     "InnerProblem",
     "adapted_parameter_names",
@@ -35,15 +39,47 @@ __all__ = [
 AdaptSpec = Union[str, Sequence[str], nn.Module, Callable[[str, nn.Parameter], bool]]  # noqa: UP007
 """Which parameters adapt: ``"all"``, ``"head"``, names or prefixes, a submodule, a predicate."""
 
-WHOLE_MODEL_DEFAULTS = {"solver": "sgd", "steps": 16, "lr": 0.1}
-"""Solver, steps and rate of an inner problem that adapts every trainable parameter."""
+WHOLE_MODEL_DEFAULTS: dict[str, Any] = {"solver": "sgd", "steps": 5, "lr": 0.1, "reg": DEFAULT_REG}
+"""Solver, steps, rate and ``reg`` of an inner problem that adapts every trainable parameter.
 
-PARTIAL_DEFAULTS = {"solver": "newton", "steps": 8, "lr": 1.0}
-"""Solver, steps and rate of a partial inner problem (a head): dense Newton to stationarity.
+The one set of defaults of the library: :class:`~implicit_meta.ImplicitMetaOptimizer`,
+:func:`~implicit_meta.adapt`, :class:`~implicit_meta.fewshot.TrainConfig` and the command line
+all take them from here. They are the best whole-network setting of the adjoint study on the
+Benchmarks page (a few SGD steps and ``reg=1``).
+"""
+
+PARTIAL_DEFAULTS: dict[str, Any] = {"solver": "newton", "steps": 8, "lr": 1.0, "reg": 0.5}
+"""Solver, steps, rate and ``reg`` of a partial inner problem (a head): dense Newton.
 
 A head on fixed features is strictly convex (cross-entropy of a linear map, plus the proximal
 term), so full Newton steps converge quadratically; ``tests/test_partial_adaptation.py`` checks
 that these settings reach a relative stationarity of ``1e-4`` in float32 on few-shot heads.
+``reg=0.5`` is the value of the head study on the Benchmarks page. A solver named for a part
+keeps the steps and rate of :data:`WHOLE_MODEL_DEFAULTS`, and this ``reg``.
+"""
+
+DEFAULT: Any = None
+"""The default of :class:`InnerProblem`'s ``reg``, ``solver``, ``steps`` and ``lr``: ``None``.
+
+It stands for "the default of this kind of problem" (:data:`WHOLE_MODEL_DEFAULTS` or
+:data:`PARTIAL_DEFAULTS`) and is resolved at construction, so that a built problem always holds
+the values it runs with.
+"""
+
+SHORTHANDS = {
+    "adapt": "adapt",
+    "reg": "reg",
+    "inner": "solver",
+    "inner_steps": "steps",
+    "inner_lr": "lr",
+    "inner_options": "options",
+    "compile_inner": "compile",
+}
+"""The keyword of each :class:`InnerProblem` field in the meta-optimizer and the run config.
+
+:class:`~implicit_meta.ImplicitMetaOptimizer` takes ``inner_steps=`` for ``problem.steps``,
+and :class:`~implicit_meta.fewshot.TrainConfig` holds the same names as fields (all but
+``inner_options``), so that one name means one setting everywhere.
 """
 
 
@@ -70,12 +106,13 @@ class InnerProblem:
             parameters are shared meta-parameters: not adapted, meta-learned through the
             exact implicit function theorem (see the guide *Adapt part of the network*).
             Parameters with ``requires_grad=False`` stay constants either way.
-        reg: Proximal strength ``lambda > 0``: how strongly ``phi`` is held to ``theta``.
+        reg: Proximal strength ``lambda > 0``: how strongly ``phi`` is held to ``theta``
+            (``None``: 1 for ``adapt="all"``, 0.5 for partial adaptation).
         solver: A registered inner solver name (see :func:`~implicit_meta.list_inner_solvers`),
             a solver function, or a ``torch.optim.Optimizer`` subclass. ``None`` takes
             ``"sgd"`` for ``adapt="all"`` and dense ``"newton"`` for partial adaptation, which
             solves a convex head to stationarity (:data:`PARTIAL_DEFAULTS`).
-        steps: Inner solver steps (``None``: 16, or 8 Newton steps where ``solver`` is the
+        steps: Inner solver steps (``None``: 5, or 8 Newton steps where ``solver`` is the
             partial default).
         lr: Inner learning rate (``None``: 0.1, or the full Newton step ``1.0`` where
             ``solver`` is the partial default).
@@ -97,10 +134,10 @@ class InnerProblem:
     """
 
     adapt: AdaptSpec = "all"
-    reg: float = 2.0
-    solver: InnerSpec | None = None
-    steps: int | None = None
-    lr: float | None = None
+    reg: float = DEFAULT
+    solver: InnerSpec = DEFAULT
+    steps: int = DEFAULT
+    lr: float = DEFAULT
     options: Mapping[str, Any] | None = None
     compile: bool = False
 
@@ -120,12 +157,14 @@ class InnerProblem:
                 f"predicate (name, parameter) -> bool, got {type(adapt).__name__}"
             )
         object.__setattr__(self, "adapt", adapt)
-        object.__setattr__(self, "reg", check_real(self.reg, "reg", positive=True))
+        reg = (PARTIAL_DEFAULTS if self.partial else WHOLE_MODEL_DEFAULTS)["reg"]
+        reg = reg if self.reg is None else self.reg
+        object.__setattr__(self, "reg", check_real(reg, "reg", positive=True))
         # Newton's defaults only where Newton is the default: a solver named for a part keeps
         # the usual steps and rate.
         newton = self.partial and self.solver is None
         defaults = PARTIAL_DEFAULTS if newton else WHOLE_MODEL_DEFAULTS
-        solver = cast(InnerSpec, defaults["solver"] if self.solver is None else self.solver)
+        solver: InnerSpec = defaults["solver"] if self.solver is None else self.solver
         steps = defaults["steps"] if self.steps is None else self.steps
         lr = defaults["lr"] if self.lr is None else self.lr
         object.__setattr__(self, "solver", solver)
@@ -138,7 +177,7 @@ class InnerProblem:
         object.__setattr__(self, "compile", check_bool(self.compile, "compile_inner"))
         solver_fn, name = resolve_inner_solver(solver)
         settings = {"inner_lr": self.lr, "inner_options": self.options}
-        check_inner_solver(solver_fn, name, settings, self.reg)
+        check_inner_solver(solver_fn, name, settings, reg)
         object.__setattr__(self, "_solver_fn", solver_fn)
         object.__setattr__(self, "_solver_name", name)
 
@@ -363,8 +402,9 @@ def resolve_problem(
         ValueError: If a shorthand comes beside ``problem=``, or two ``reg`` values disagree.
     """
     given = {name: value for name, value in shorthands.items() if value is not None}
-    default_reg = ImplicitAdjoint().reg
-    adjoint_reg = adjoint.reg if adjoint is not None and adjoint.reg != default_reg else None
+    # An adjoint built with reg= states it; one built without leaves it to the problem.
+    given_reg = adjoint is not None and not getattr(adjoint, "_reg_derived", False)
+    adjoint_reg = adjoint.reg if adjoint is not None and given_reg else None
     if problem is not None:
         if not isinstance(problem, InnerProblem):
             raise TypeError(f"problem must be an InnerProblem, got {type(problem).__name__}")
@@ -375,8 +415,9 @@ def resolve_problem(
             )
         reg = problem.reg
     else:
-        reg = given.get("reg", adjoint_reg if adjoint_reg is not None else default_reg)
-        problem = InnerProblem(**{**given, "reg": reg})
+        if "reg" not in given and adjoint_reg is not None:
+            given["reg"] = adjoint_reg
+        problem = InnerProblem(**given)
         reg = problem.reg
     if adjoint_reg is not None and adjoint_reg != reg:
         raise ValueError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import pytest
 import torch
@@ -10,6 +11,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import implicit_meta as im
+from implicit_meta._batch_strategy import auto_strategy
+from implicit_meta._meta_step import MetaStepPlan
 
 TASKS = 3
 
@@ -131,7 +134,7 @@ def test_unvmappable_solver_falls_back_once_with_reason(inner: object) -> None:
         meta.meta_backward_batch(ce, support, support, strategy="vmap")
 
 
-def test_model_that_vmap_rejects_falls_back_to_loop() -> None:
+def test_model_that_vmap_rejects_falls_back_to_loop(monkeypatch: pytest.MonkeyPatch) -> None:
     class ItemModel(nn.Module):  # .item() inside forward cannot be vmapped
         def __init__(self) -> None:
             super().__init__()
@@ -151,18 +154,20 @@ def test_model_that_vmap_rejects_falls_back_to_loop() -> None:
     assert result.outer_loss.shape == (TASKS,)
     # The failure is remembered: later calls go straight to the loop.
     tries: list[int] = []
-    original = meta._solve_tasks_vmap
+    original = MetaStepPlan.vmap_tasks
 
-    def counting(*args: object) -> object:
+    def counting(*args: Any) -> Any:
         tries.append(1)
-        return original(*args)  # type: ignore[arg-type]
+        return original(*args)
 
-    meta._solve_tasks_vmap = counting  # type: ignore[method-assign]
+    monkeypatch.setattr(MetaStepPlan, "vmap_tasks", counting)
     meta.meta_backward_batch(ce, support, support, strategy="vmap")
     assert tries == []
 
 
-def test_out_of_memory_under_vmap_is_not_treated_as_unsupported() -> None:
+def test_out_of_memory_under_vmap_is_not_treated_as_unsupported(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     model = nn.Linear(4, 3)
     support = (torch.randn(TASKS, 6, 4), torch.randint(0, 3, (TASKS, 6)))
     meta = im.ImplicitMetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1))
@@ -170,7 +175,7 @@ def test_out_of_memory_under_vmap_is_not_treated_as_unsupported() -> None:
     def out_of_memory(*args: object) -> object:
         raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
 
-    meta._solve_tasks_vmap = out_of_memory  # type: ignore[method-assign]
+    monkeypatch.setattr(MetaStepPlan, "vmap_tasks", out_of_memory)
     with pytest.raises(torch.OutOfMemoryError):
         meta.meta_backward_batch(ce, support, support, strategy="vmap")
     assert all(p.grad is None for p in model.parameters())
@@ -178,20 +183,22 @@ def test_out_of_memory_under_vmap_is_not_treated_as_unsupported() -> None:
 
 
 @pytest.mark.parametrize("inner_steps", [2, 200])
-def test_auto_strategy_on_cpu_is_the_loop(inner_steps: int) -> None:
+def test_auto_strategy_on_cpu_is_the_loop(
+    inner_steps: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     model = nn.Linear(4, 3)
     support = (torch.randn(TASKS, 6, 4), torch.randint(0, 3, (TASKS, 6)))
     meta = im.ImplicitMetaOptimizer(
         model, torch.optim.SGD(model.parameters(), lr=0.1), inner_steps=inner_steps
     )
     calls: list[str] = []
-    original = meta._solve_tasks_loop
+    original = MetaStepPlan.loop_tasks
 
-    def spy(*args: object) -> object:
+    def spy(*args: Any) -> Any:
         calls.append("loop")
-        return original(*args)  # type: ignore[arg-type]
+        return original(*args)
 
-    meta._solve_tasks_loop = spy  # type: ignore[method-assign]
+    monkeypatch.setattr(MetaStepPlan, "loop_tasks", spy)
     meta.meta_backward_batch(ce, support, support)
     assert calls == ["loop"]
 
@@ -201,12 +208,15 @@ def test_auto_strategy_is_vmap_on_cuda_unless_the_solver_cannot_be_vmapped() -> 
     model = nn.Linear(4, 3)
     outer = torch.optim.SGD(model.parameters(), lr=0.1)
     cuda = torch.device("cuda")
-    assert im.ImplicitMetaOptimizer(model, outer, inner="sgd")._auto_strategy(cuda) == "vmap"
-    assert im.ImplicitMetaOptimizer(model, outer, inner="adam")._auto_strategy(cuda) == "vmap"
-    lbfgs = im.ImplicitMetaOptimizer(model, outer, inner="lbfgs", inner_lr=1.0)
-    assert lbfgs._auto_strategy(cuda) == "loop"
-    adapter = im.ImplicitMetaOptimizer(model, outer, inner=torch.optim.Adam)
-    assert adapter._auto_strategy(cuda) == "loop"
+
+    def auto(**kwargs: Any) -> str:
+        meta = im.ImplicitMetaOptimizer(model, outer, **kwargs)
+        return auto_strategy(meta.problem.solver_fn, cuda)
+
+    assert auto(inner="sgd") == "vmap"
+    assert auto(inner="adam") == "vmap"
+    assert auto(inner="lbfgs", inner_lr=1.0) == "loop"
+    assert auto(inner=torch.optim.Adam) == "loop"
 
 
 @pytest.mark.parametrize(

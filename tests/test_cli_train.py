@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from implicit_meta import cli
-from implicit_meta.fewshot import trainer
+from implicit_meta.fewshot import _run
 from implicit_meta.fewshot.checkpoint import decode_json_tensor
 from implicit_meta.functional import CGStatus
 
@@ -53,7 +53,7 @@ def _assert_same_state(a: dict[str, Any], b: dict[str, Any]) -> None:
     assert a["model"].keys() == b["model"].keys()
     for name in a["model"]:
         assert torch.equal(a["model"][name], b["model"][name]), name
-    opt_a, opt_b = a["meta"]["outer_optimizer"]["state"], b["meta"]["outer_optimizer"]["state"]
+    opt_a, opt_b = a["outer_optimizer"]["state"], b["outer_optimizer"]["state"]
     assert opt_a.keys() == opt_b.keys()
     for index in opt_a:
         for key in ("exp_avg", "exp_avg_sq", "step"):
@@ -109,7 +109,7 @@ def test_resume_after_an_interruption_between_checkpoints(
 ) -> None:
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
     assert _train(straight, "--meta-steps", "6") == 0
-    real_step = trainer.meta_train_step
+    real_step = _run.meta_train_step
     calls = {"n": 0}
 
     def crash_on_fourth(*args: Any) -> Any:
@@ -118,7 +118,7 @@ def test_resume_after_an_interruption_between_checkpoints(
             raise KeyboardInterrupt
         return real_step(*args)
 
-    monkeypatch.setattr(trainer, "meta_train_step", crash_on_fourth)
+    monkeypatch.setattr(_run, "meta_train_step", crash_on_fourth)
     assert _train(crashed, "--meta-steps", "6") == 130
     monkeypatch.undo()
     assert _load(crashed)["step"] == 2  # the last periodic checkpoint
@@ -126,6 +126,34 @@ def test_resume_after_an_interruption_between_checkpoints(
     assert _train(crashed, "--resume") == 0
     _assert_same_state(_load(straight), _load(crashed))
     assert _records(straight) == _records(crashed)
+
+
+def test_resume_with_compile_inner_compiles_the_inner_objective(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--compile-inner may change on resume, and it takes effect.
+
+    The checkpoint stores the settings once, in its config; restoring loads the outer
+    optimizer's state alone, so the resumed run's meta-optimizer has the requested settings.
+    """
+    out = tmp_path / "run"
+    assert _train(out, "--meta-steps", "2", "--task-strategy", "loop") == 0
+    assert _load(out)["config"]["compile_inner"] is False
+    compiled: list[object] = []
+
+    def counting_compile(function: Any, *args: Any, **kwargs: Any) -> Any:
+        compiled.append(function)
+        return function  # the eager function: the same numbers, no compilation time
+
+    monkeypatch.setattr(torch, "compile", counting_compile)
+    code = _train(out, "--meta-steps", "4", "--task-strategy", "loop", "--resume",
+                  "--compile-inner")  # fmt: skip
+    assert code == 0
+    # Every inner solve of the two resumed steps (2 tasks each) went through torch.compile.
+    assert len(compiled) == 4
+    state = _load(out)
+    assert state["step"] == 4 and state["config"]["compile_inner"] is True
+    assert "meta" not in state  # the settings are stored once, as the config
 
 
 def test_resume_rejects_changed_settings_and_missing_checkpoint(
@@ -188,7 +216,7 @@ def test_resume_restores_the_torch_random_stream(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Models with dropout draw from torch's generator; a resumed run must continue its stream."""
-    real_step = trainer.meta_train_step
+    real_step = _run.meta_train_step
 
     def step_with_noise(meta: Any, *args: Any) -> Any:
         stats = real_step(meta, *args)
@@ -196,7 +224,7 @@ def test_resume_restores_the_torch_random_stream(
             meta.model.head.bias.add_(1e-3 * torch.randn_like(meta.model.head.bias))
         return stats
 
-    monkeypatch.setattr(trainer, "meta_train_step", step_with_noise)
+    monkeypatch.setattr(_run, "meta_train_step", step_with_noise)
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert _train(straight, "--meta-steps", "4") == 0
     assert _train(split, "--meta-steps", "2") == 0
@@ -222,7 +250,7 @@ def test_cosine_schedule_resumes_exactly(tmp_path: Path, monkeypatch: pytest.Mon
     rates = [r["meta_lr"] for r in _records(straight)]
     # The rate of step k is 0.01 * (1 + cos(pi * (k - 1) / 4)) / 2.
     assert rates == pytest.approx([0.01, 0.0085355339, 0.005, 0.0014644661])
-    real_step = trainer.meta_train_step
+    real_step = _run.meta_train_step
     calls = {"n": 0}
 
     def crash_on_third(*args: Any) -> Any:
@@ -231,7 +259,7 @@ def test_cosine_schedule_resumes_exactly(tmp_path: Path, monkeypatch: pytest.Mon
             raise KeyboardInterrupt
         return real_step(*args)
 
-    monkeypatch.setattr(trainer, "meta_train_step", crash_on_third)
+    monkeypatch.setattr(_run, "meta_train_step", crash_on_third)
     assert _train(crashed, *cosine) == 130
     monkeypatch.undo()
     assert _load(crashed)["step"] == 2
@@ -269,7 +297,7 @@ def test_compile_inner_flag_reaches_the_meta_optimizer() -> None:
     assert not hasattr(parser.parse_args(["train"]), "compile_inner")  # resume keeps the stored
     config = TrainConfig(compile_inner=True, backbone="conv4-4")
     meta = build_meta_optimizer(build_model(config, (1, 28, 28)), config)
-    assert meta.compile_inner is True
+    assert meta.problem.compile is True
 
 
 def test_progress_bar_counts_planned_steps_and_shows_tasks_per_second(

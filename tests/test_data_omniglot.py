@@ -69,7 +69,7 @@ def chars(cache: Path) -> FewShotDataset:
 
 
 @pytest.fixture(scope="module")
-def paper(cache: Path, chars: FewShotDataset) -> imd.OmniglotSplits:
+def paper(cache: Path, chars: FewShotDataset) -> imd.Splits[FewShotDataset]:
     return load_omniglot(cache_dir=cache)
 
 
@@ -158,7 +158,7 @@ def test_warm_load_uses_cache(
 
 
 def test_paper_protocol_follows_documented_permutation(
-    paper: imd.OmniglotSplits, name_to_id: dict[str, int]
+    paper: imd.Splits[FewShotDataset], name_to_id: dict[str, int]
 ) -> None:
     perm = np.random.default_rng(0).permutation(1623) + 1  # sorted ids 1..1623, permuted
     train_ids = {base_id(n, name_to_id) for n in paper.train.class_names}
@@ -171,7 +171,7 @@ def test_paper_protocol_follows_documented_permutation(
     assert len({n.split("/")[1] for n in paper.test.class_names}) >= 45
 
 
-def test_paper_train_has_four_rotations_test_none(paper: imd.OmniglotSplits) -> None:
+def test_paper_train_has_four_rotations_test_none(paper: imd.Splits[FewShotDataset]) -> None:
     assert paper.train.images.shape == (4800, 20, 1, 28, 28)
     assert paper.test.images.shape == (423, 20, 1, 28, 28)
     suffixes = [n.split("/")[3] if n.count("/") == 3 else "rot0" for n in paper.train.class_names]
@@ -185,7 +185,7 @@ def test_paper_train_has_four_rotations_test_none(paper: imd.OmniglotSplits) -> 
 
 
 def test_rotation_classes_are_pil_rotations(
-    paper: imd.OmniglotSplits, chars: FewShotDataset
+    paper: imd.Splits[FewShotDataset], chars: FewShotDataset
 ) -> None:
     index = {n: i for i, n in enumerate(paper.train.class_names)}
     transposes = {
@@ -203,7 +203,7 @@ def test_rotation_classes_are_pil_rotations(
         assert torch.equal(paper.train.images[index[base]], source)
 
 
-def test_test_characters_and_rotations_never_in_train(paper: imd.OmniglotSplits) -> None:
+def test_test_characters_and_rotations_never_in_train(paper: imd.Splits[FewShotDataset]) -> None:
     # Compare pixels, not names: no whole class of the test split, in any rotation, may appear
     # among the training classes.
     train = class_fingerprints(paper.train)
@@ -272,7 +272,7 @@ def test_rotation_options(cache: Path) -> None:
 # --- sampling real data -----------------------------------------------------------------------
 
 
-def test_sampled_omniglot_images_belong_to_their_class(paper: imd.OmniglotSplits) -> None:
+def test_sampled_omniglot_images_belong_to_their_class(paper: imd.Splits[FewShotDataset]) -> None:
     sampler = EpisodeSampler(paper.train, ways=5, shots=1, queries=5, seed=3, device="cpu")
     batch = sampler.sample(tasks=4)
     assert batch.xs.shape == (4, 5, 1, 28, 28) and batch.xq.shape == (4, 25, 1, 28, 28)

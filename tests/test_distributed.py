@@ -22,9 +22,9 @@ from implicit_meta.distributed import (
     init_distributed,
     shard_tasks,
 )
+from implicit_meta.fewshot.checks import check_world_size
 from implicit_meta.fewshot.config import TrainConfig
 from implicit_meta.fewshot.device import DeviceUnavailableError, resolve_device
-from implicit_meta.fewshot.trainer import check_world_size
 
 TASKS = 4
 

@@ -15,15 +15,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from implicit_meta import cli
-from implicit_meta.data import EpisodeBatch, EpisodeSampler, FewShotDataset
+from implicit_meta.data import EpisodeBatch, EpisodeSampler, FewShotDataset, Splits
 from implicit_meta.distributed import DistributedContext, init_distributed
-from implicit_meta.fewshot import trainer
+from implicit_meta.fewshot import _run, trainer
 from implicit_meta.fewshot.builders import build_meta_optimizer, build_model
 from implicit_meta.fewshot.checkpoint import decode_json_tensor
 from implicit_meta.fewshot.config import TrainConfig
 from implicit_meta.fewshot.evaluation import episode_accuracies
 from implicit_meta.fewshot.meta_batch import meta_train_step
-from implicit_meta.fewshot.meta_splits import FewShotSplits
 from implicit_meta.optimizer import ImplicitMetaOptimizer
 
 pytestmark = pytest.mark.filterwarnings("ignore:I \\+ H/reg is not positive definite")
@@ -42,11 +41,11 @@ TINY = [
 ]  # fmt: skip
 
 
-def _splits() -> FewShotSplits:
+def _splits() -> Splits[FewShotDataset]:
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (6, 5, 1, 28, 28), generator=g, dtype=torch.uint8)
     dataset = FewShotDataset(images, tuple(f"c{i}" for i in range(6)))
-    return FewShotSplits(train=dataset, test=dataset)
+    return Splits(train=dataset, test=dataset)
 
 
 def _worker(rank: int, port: int, out: str) -> None:
@@ -67,15 +66,15 @@ def _worker(rank: int, port: int, out: str) -> None:
         captured.append(build_meta_optimizer(*args))
         return captured[-1]
 
-    trainer.build_meta_optimizer = capture  # type: ignore[assignment]
+    _run.build_meta_optimizer = capture  # type: ignore[assignment]
     root, splits = Path(out), _splits()
 
     def run(name: str, config: TrainConfig, *, resume: bool = False) -> None:
         start = len(captured)
         trainer.train(config, root / name, resume=resume, progress=False, splits=splits)
-        # The run's own meta-optimizer: train() also builds one to check the settings (on a
-        # one-parameter model) and one for the untrained baseline it evaluates.
-        trained = next(m for m in captured[start:] if not isinstance(m.model, torch.nn.Linear))
+        # The run's own meta-optimizer, built first; train() also builds one for the untrained
+        # baseline it evaluates.
+        trained = captured[start]
         state = {k: v.detach().clone() for k, v in trained.model.state_dict().items()}
         torch.save(state, root / f"{name}-rank{rank}.pt")
 
@@ -250,4 +249,4 @@ def test_resume_needs_the_same_number_of_processes(tmp_path: Path) -> None:
     torch.set_num_threads(previous)
     two = DistributedContext(0, 2, 0, torch.device("cpu"))
     with pytest.raises(ValueError, match="written by a run of 1 process"):
-        trainer._prepare_output(CONFIG, out, True, two)
+        _run.read_folder(CONFIG, out, True, two)

@@ -23,12 +23,24 @@ from implicit_meta.fewshot.checkpoint import (
 
 
 def _state(step: int) -> dict[str, Any]:
+    streams = {
+        "sampler": encode_json_tensor({}),
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": [],
+    }
     return {
         "format": CHECKPOINT_FORMAT,
         "config": {"ways": 5, "root": None, "reg": 1.0},
+        "image_shape": [1, 28, 28],
         "step": step,
         "model": {"w": torch.full((64, 64), float(step))},
-        "meta": {"settings": {"reg": 1.0}},
+        "outer_optimizer": {"state": {}, "param_groups": []},
+        "lr_scheduler": {"last_epoch": step},
+        "best": {},
+        **streams,
+        "world_size": 1,
+        "ranks": [streams],
+        "versions": {"implicit_meta": "0.1.0", "torch": str(torch.__version__)},
     }
 
 
@@ -70,9 +82,29 @@ def test_load_rejects_foreign_files(tmp_path: Path) -> None:
     torch.save({"step": 1}, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="lacks"):
         load_checkpoint(tmp_path / "other.pt")
-    torch.save({**_state(1), "format": "v0"}, tmp_path / "old.pt")
-    with pytest.raises(CheckpointError, match="format"):
-        load_checkpoint(tmp_path / "old.pt")
+    torch.save({**_state(1), "format": "v0"}, tmp_path / "foreign.pt")
+    with pytest.raises(CheckpointError, match="not an implicit-meta few-shot checkpoint format"):
+        load_checkpoint(tmp_path / "foreign.pt")
+
+
+def test_load_refuses_the_first_format_and_says_how_to_go_on(tmp_path: Path) -> None:
+    """A v1 file (settings stored twice: config and the meta-optimizer's) is refused."""
+    v1 = {
+        "format": "implicit-meta/fewshot-checkpoint/v1",
+        "config": {"ways": 5, "cg_steps": None},
+        "image_shape": [1, 28, 28],
+        "step": 3,
+        "model": {"w": torch.zeros(2)},
+        "meta": {"outer_optimizer": {}, "settings": {"adjoint": {"cg_steps": 0}}},
+        "versions": {"implicit_meta": "0.0.9", "torch": str(torch.__version__)},
+    }
+    torch.save(v1, tmp_path / "checkpoint.pt")
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(tmp_path / "checkpoint.pt")
+    message = str(error.value)
+    assert "'implicit-meta/fewshot-checkpoint/v1', written by implicit-meta 0.0.9" in message
+    assert CHECKPOINT_FORMAT in message
+    assert "retrain with this version, or load or resume it with implicit-meta==0.0.9" in message
 
 
 def test_failure_while_writing_keeps_the_old_checkpoint(

@@ -6,14 +6,13 @@ import pytest
 import torch
 
 from implicit_meta.fewshot import TrainConfig
-from implicit_meta.fewshot.config import RESUMABLE_FIELDS, meta_lr_at
+from implicit_meta.fewshot.config import RESUMABLE_FIELDS, check_resumable, meta_lr_at
 from implicit_meta.fewshot.device import (
     DeviceUnavailableError,
     available_cpus,
     configure_threads,
     resolve_device,
 )
-from implicit_meta.fewshot.trainer import check_resumable
 
 
 def test_every_field_checks_its_annotated_type() -> None:

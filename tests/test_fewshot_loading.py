@@ -59,7 +59,11 @@ def test_load_meta_model_round_trip(checkpoint: Path, device: torch.device) -> N
 def test_loaded_model_adapts_to_a_new_task(checkpoint: Path) -> None:
     model, config = load_meta_model(checkpoint)
     meta = build_meta_optimizer(model, config)
-    assert (meta.reg, meta.inner_steps, meta.cg_steps) == (config.proximal_reg, 2, 2)
+    assert (meta.problem.reg, meta.problem.steps, meta.adjoint.cg_steps) == (
+        config.proximal_reg,
+        2,
+        2,
+    )
     batch = EpisodeSampler(load_splits("omniglot").test, config.ways, 1, 2, seed=0).sample(1)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     adapted = meta.adapt(cross_entropy, batch.support(0))

@@ -11,8 +11,8 @@ import implicit_meta as im
 from implicit_meta.fewshot import TrainConfig, build_model
 from implicit_meta.models import (
     Conv4,
-    build_backbone,
     conv4_feature_size,
+    create_backbone,
     list_backbones,
     register_backbone,
     unregister_backbone,
@@ -70,18 +70,18 @@ def test_conv4_batchnorm_uses_batch_statistics_in_eval_mode() -> None:
     assert len(list(tracked.buffers())) == 12
 
 
-def test_build_backbone_specs() -> None:
+def test_create_backbone_specs() -> None:
     assert list_backbones() == ["conv4", "conv4-<width>", "timm:<name>"]
-    default = build_backbone("conv4", num_classes=5, in_channels=1, image_size=28)
-    narrow = build_backbone("conv4-16", num_classes=5, in_channels=1, image_size=28)
+    default = create_backbone("conv4", num_classes=5, in_channels=1, image_size=28)
+    narrow = create_backbone("conv4-16", num_classes=5, in_channels=1, image_size=28)
     assert isinstance(default, Conv4) and isinstance(narrow, Conv4)
     assert default.head.in_features == 64 and narrow.head.in_features == 16
     with pytest.raises(ValueError, match="unknown backbone"):
-        build_backbone("resnet", num_classes=5, in_channels=1, image_size=28)
+        create_backbone("resnet", num_classes=5, in_channels=1, image_size=28)
     with pytest.raises(ValueError, match="timm has no model"):
-        build_backbone("timm:not_a_model_xyz", num_classes=5, in_channels=1, image_size=28)
+        create_backbone("timm:not_a_model_xyz", num_classes=5, in_channels=1, image_size=28)
     with pytest.raises(ValueError, match="timm has no model"):
-        build_backbone("timm:", num_classes=5, in_channels=1, image_size=28)
+        create_backbone("timm:", num_classes=5, in_channels=1, image_size=28)
 
 
 def test_a_registered_backbone_builds_from_its_spec_everywhere() -> None:
@@ -107,10 +107,10 @@ def test_a_registered_backbone_builds_from_its_spec_everywhere() -> None:
             "not_a_module_test",
             "timm:<name>",
         ]
-        model = build_backbone("mlp_test-7", num_classes=3, in_channels=2, image_size=5)
+        model = create_backbone("mlp_test-7", num_classes=3, in_channels=2, image_size=5)
         assert model[1].out_features == 7 and model[2].out_features == 3
         assert (
-            build_backbone("mlp_test", num_classes=3, in_channels=1, image_size=4)[1].out_features
+            create_backbone("mlp_test", num_classes=3, in_channels=1, image_size=4)[1].out_features
             == 4
         )
         # The few-shot pipeline builds it from the config's spec string.
@@ -121,9 +121,9 @@ def test_a_registered_backbone_builds_from_its_spec_everywhere() -> None:
             "in_channels": 1,
         }
         with pytest.raises(ValueError, match="unknown backbone 'not_a_module_test-3'"):
-            build_backbone("not_a_module_test-3", num_classes=3, in_channels=1, image_size=4)
+            create_backbone("not_a_module_test-3", num_classes=3, in_channels=1, image_size=4)
         with pytest.raises(TypeError, match=r"returned str, not a torch\.nn\.Module"):
-            build_backbone("not_a_module_test", num_classes=3, in_channels=1, image_size=4)
+            create_backbone("not_a_module_test", num_classes=3, in_channels=1, image_size=4)
         with pytest.raises(ValueError, match="already registered"):
             register_backbone("mlp_test")(broken)
         assert register_backbone("mlp_test", takes_width=True)(mlp) is mlp  # same function: no-op
@@ -132,7 +132,7 @@ def test_a_registered_backbone_builds_from_its_spec_everywhere() -> None:
         unregister_backbone("not_a_module_test")
     assert list_backbones() == ["conv4", "conv4-<width>", "timm:<name>"]
     with pytest.raises(ValueError, match=r"register your own with implicit_meta\.models"):
-        build_backbone("mlp_test", num_classes=3, in_channels=1, image_size=4)
+        create_backbone("mlp_test", num_classes=3, in_channels=1, image_size=4)
     with pytest.raises(ValueError, match="without ':'"):
         register_backbone("timm:mine")
     with pytest.raises(KeyError, match="no backbone named"):
@@ -140,7 +140,7 @@ def test_a_registered_backbone_builds_from_its_spec_everywhere() -> None:
 
 
 def test_timm_backbone_is_built_through_timm() -> None:
-    model = build_backbone("timm:resnet10t", num_classes=7, in_channels=1, image_size=28)
+    model = create_backbone("timm:resnet10t", num_classes=7, in_channels=1, image_size=28)
     assert type(model).__module__.startswith("timm.")
     assert model(torch.rand(2, 1, 28, 28)).shape == (2, 7)
 
@@ -149,7 +149,7 @@ def test_timm_backbone_is_built_through_timm() -> None:
 def test_backbone_contract_one_meta_backward(spec: str, device: torch.device) -> None:
     """Every backbone meta-trains: one 3-way 1-shot 28x28 task through meta_backward."""
     torch.manual_seed(0)
-    model = build_backbone(spec, num_classes=3, in_channels=1, image_size=28).to(device)
+    model = create_backbone(spec, num_classes=3, in_channels=1, image_size=28).to(device)
     buffers = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
     meta = im.ImplicitMetaOptimizer(
         model,

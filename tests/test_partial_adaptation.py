@@ -261,7 +261,7 @@ def test_the_body_runs_once_on_the_support_and_once_on_the_query():
         model, torch.optim.SGD(model.parameters(), 0.1), adapt="head", reg=0.7, cg_steps=5
     )
     meta.meta_backward(CE, support, query)  # the first call also checks the split once
-    assert meta.inner_steps == 8  # Newton: several head evaluations per step
+    assert meta.problem.steps == 8  # Newton: several head evaluations per step
     model.body_calls = 0
     meta.meta_backward(CE, support, query)
     assert model.body_calls == 2
@@ -384,7 +384,7 @@ def test_reg_belongs_to_the_problem():
     optimizer = torch.optim.SGD(model.parameters(), 0.1)
     problem = im.InnerProblem(adapt="head", reg=0.5)
     meta = im.ImplicitMetaOptimizer(model, optimizer, problem=problem, adjoint=ImplicitAdjoint())
-    assert meta.reg == 0.5 and meta.adjoint.reg == 0.5
+    assert meta.problem.reg == 0.5 and meta.adjoint.reg == 0.5
     legacy = im.ImplicitMetaOptimizer(model, optimizer, adjoint=ImplicitAdjoint(reg=3.0))
     assert legacy.problem.reg == 3.0
     with pytest.raises(ValueError, match="disagree"):

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import implicit_meta as im
+from implicit_meta._batch_strategy import auto_strategy
+from implicit_meta._meta_step import MetaStepPlan
 from implicit_meta.solvers import declare_solver, vmap_unsupported_reason
 
 TASKS = 3
@@ -38,7 +40,7 @@ def host_gd() -> Iterator[Any]:
     def host_gd(objective: Any, params: dict[str, Tensor], *, steps: int, lr: float) -> Any:
         return gd(objective, params, steps=steps, lr=lr)
 
-    im.inner_solver("host_gd_test", vmappable=False, reason=REASON)(host_gd)
+    im.register_inner_solver("host_gd_test", vmappable=False, reason=REASON)(host_gd)
     yield host_gd
     im.unregister_inner_solver("host_gd_test")
 
@@ -52,13 +54,13 @@ def test_reason_goes_with_the_registration() -> None:
     def once(objective: Any, params: dict[str, Tensor], *, steps: int, lr: float) -> Any:
         return params
 
-    im.inner_solver("once_test", vmappable=False, reason=REASON)(once)
+    im.register_inner_solver("once_test", vmappable=False, reason=REASON)(once)
     im.unregister_inner_solver("once_test")
     assert vmap_unsupported_reason(once) is None
 
 
 def test_plain_registered_solvers_are_vmappable() -> None:
-    registered = im.inner_solver("plain_gd_test")(gd)
+    registered = im.register_inner_solver("plain_gd_test")(gd)
     try:
         assert vmap_unsupported_reason(registered) is None
     finally:
@@ -87,7 +89,7 @@ def test_torch_optimizer_solver_reports_it_cannot_be_vmapped(
 
 def test_torch_optimizer_solver_stays_unvmappable_when_registered_by_name() -> None:
     # The custom-solver guide registers an adapter without saying it cannot be vmapped.
-    im.inner_solver("rmsprop_test")(im.torch_optimizer_solver(torch.optim.RMSprop))
+    im.register_inner_solver("rmsprop_test")(im.torch_optimizer_solver(torch.optim.RMSprop))
     try:
         assert "RMSprop" in (vmap_unsupported_reason(im.get_inner_solver("rmsprop_test")) or "")
     finally:
@@ -116,11 +118,13 @@ def test_inconsistent_capabilities_are_refused(
     vmappable: Any, reason: Any, error: type[Exception], message: str
 ) -> None:
     with pytest.raises(error, match=message):
-        im.inner_solver("bad_spec_test", vmappable=vmappable, reason=reason)
+        im.register_inner_solver("bad_spec_test", vmappable=vmappable, reason=reason)
     assert "bad_spec_test" not in im.list_inner_solvers()
 
 
-def test_vmap_strategy_loops_over_an_unvmappable_solver_without_trying(host_gd: Any) -> None:
+def test_vmap_strategy_loops_over_an_unvmappable_solver_without_trying(
+    host_gd: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     model = nn.Linear(4, 3).double()
     support = (torch.randn(TASKS, 6, 4, dtype=torch.float64), torch.randint(0, 3, (TASKS, 6)))
     meta = im.ImplicitMetaOptimizer(
@@ -134,14 +138,14 @@ def test_vmap_strategy_loops_over_an_unvmappable_solver_without_trying(host_gd: 
     def no_vmap(*args: object) -> object:
         raise AssertionError("vmap was tried for a solver registered with vmappable=False")
 
-    meta._solve_tasks_vmap = no_vmap  # type: ignore[method-assign]
+    monkeypatch.setattr(MetaStepPlan, "vmap_tasks", no_vmap)
     message = re.escape(f"meta_backward_batch falls back to a loop over tasks ({REASON})")
     with pytest.warns(RuntimeWarning, match=message):
         meta.meta_backward_batch(ce, support, support, reduction="sum", strategy="vmap")
     got = [p.grad for p in model.parameters() if p.grad is not None]
     for a, b in zip(got, expected, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
-    assert meta._auto_strategy(torch.device("cuda")) == "loop"
+    assert auto_strategy(meta.problem.solver_fn, torch.device("cuda")) == "loop"
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # only once per optimizer
         meta.meta_backward_batch(ce, support, support, strategy="vmap")

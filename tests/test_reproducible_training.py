@@ -20,13 +20,12 @@ from typing import Any
 import pytest
 import torch
 
-from implicit_meta.data import EpisodeSampler, FewShotDataset
+from implicit_meta.data import EpisodeSampler, FewShotDataset, Splits
 from implicit_meta.fewshot import TrainConfig, train
 from implicit_meta.fewshot.builders import build_lr_scheduler, build_meta_optimizer, build_model
 from implicit_meta.fewshot.config import meta_lr_at
 from implicit_meta.fewshot.device import available_cpus, configure_threads
 from implicit_meta.fewshot.evaluation import episode_accuracies
-from implicit_meta.fewshot.meta_splits import FewShotSplits
 from implicit_meta.fewshot.metrics import read_metrics
 
 pytestmark = pytest.mark.filterwarnings("ignore:I \\+ H/reg is not positive definite")
@@ -43,10 +42,9 @@ CHILD = textwrap.dedent(
     import io, os, signal, sys, time, json, warnings
     import torch
     warnings.simplefilter("ignore")
-    from implicit_meta.data import FewShotDataset
+    from implicit_meta.data import FewShotDataset, Splits
     from implicit_meta.fewshot import TrainConfig, train
-    from implicit_meta.fewshot import meta_batch, trainer
-    from implicit_meta.fewshot.meta_splits import FewShotSplits
+    from implicit_meta.fewshot import _run
 
     out, mode, resume, config = sys.argv[1], sys.argv[2], sys.argv[3] == "1", sys.argv[4]
     g = torch.Generator().manual_seed(0)
@@ -54,17 +52,17 @@ CHILD = textwrap.dedent(
     names = tuple(f"c{i}" for i in range(12))
     data = FewShotDataset(images, names)
     meta_train, test, val = (data.select(range(a, a + 3 * n)) for a, n in ((0, 2), (6, 1), (9, 1)))
-    splits = FewShotSplits(meta_train, test, val)
+    splits = Splits(train=meta_train, val=val, test=test)
 
     def kill() -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
     if mode == "slow":  # sleeping changes no arithmetic; it gives the outside killer time
-        step = trainer.meta_train_step
+        step = _run.meta_train_step
         def slow(*args):
             time.sleep(0.15)
             return step(*args)
-        trainer.meta_train_step = slow
+        _run.meta_train_step = slow
     if mode.startswith("torn-"):  # die halfway through writing the n-th checkpoint's temp file
         target, calls, save = int(mode.split("-")[1]), [0], torch.save
         def torn(obj, handle, *args, **kwargs):
@@ -117,12 +115,14 @@ def _finish(process: subprocess.Popen[str]) -> int:
     return process.returncode
 
 
-def _splits() -> FewShotSplits:
+def _splits() -> Splits[FewShotDataset]:
     # Same data as the child's.
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (12, 4, 1, 16, 16), generator=g, dtype=torch.uint8)
     data = FewShotDataset(images, tuple(f"c{i}" for i in range(12)))
-    return FewShotSplits(data.select(range(6)), data.select(range(6, 9)), data.select(range(9, 12)))
+    return Splits(
+        train=data.select(range(6)), val=data.select(range(9, 12)), test=data.select(range(6, 9))
+    )
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ from torch import Tensor
 
 import implicit_meta as im
 from implicit_meta.functional import proximal_objective
-from implicit_meta.solvers.registry import _REGISTRY
 
 Problem = tuple[Callable[[dict[str, Tensor]], Tensor], dict[str, Tensor], float]
 
@@ -63,10 +62,10 @@ def generic(smooth: float) -> dict[str, object]:
 
 @pytest.fixture(autouse=True)
 def _registry_unchanged() -> Iterator[None]:
-    before = dict(_REGISTRY)
+    before = set(im.list_inner_solvers())
     yield
-    _REGISTRY.clear()
-    _REGISTRY.update(before)
+    for name in set(im.list_inner_solvers()) - before:
+        im.unregister_inner_solver(name)
 
 
 @pytest.mark.parametrize("problem", list(PROBLEMS))
@@ -125,7 +124,7 @@ def test_custom_solver_decorator_returns_function_unchanged_and_is_usable() -> N
             params = {k: v - scale * lr * g[k] for k, v in params.items()}
         return params
 
-    registered = im.inner_solver("my_gd")(my_gd)
+    registered = im.register_inner_solver("my_gd")(my_gd)
     assert registered is my_gd
     assert "my_gd" in im.list_inner_solvers()
     model = torch.nn.Linear(3, 1).double()
@@ -146,7 +145,7 @@ def test_custom_solver_decorator_returns_function_unchanged_and_is_usable() -> N
         grads.append(model.weight.grad.clone())
     torch.testing.assert_close(grads[0], grads[1])
     with pytest.raises(ValueError, match="already registered"):
-        im.inner_solver("my_gd")(lambda objective, params, *, steps, lr: params)
+        im.register_inner_solver("my_gd")(lambda objective, params, *, steps, lr: params)
     im.unregister_inner_solver("my_gd")
     assert "my_gd" not in im.list_inner_solvers()
 

@@ -244,7 +244,7 @@ def test_a_custom_solvers_inner_lr_is_checked(solver: Any, lr: str) -> None:
     value, message = BAD_LRS[lr]
     name = "traps_custom_solver"
     if solver == "registered":
-        im.inner_solver(name)(_custom_solver)
+        im.register_inner_solver(name)(_custom_solver)
         solver = name
     try:
         model = nn.Linear(4, 3)
@@ -268,7 +268,7 @@ def test_a_custom_solvers_inner_lr_is_checked(solver: Any, lr: str) -> None:
         with pytest.raises(ValueError, match=message):
             meta.load_state_dict(state)
         _assert_unchanged(snapshot, model, outer)
-        assert meta.inner_lr == 0.1
+        assert meta.problem.lr == 0.1
     finally:
         if name in im.list_inner_solvers():
             im.unregister_inner_solver(name)

@@ -1,8 +1,8 @@
-"""Issue 20, item 8 (part): ``@im.inner_solver`` without a name, and a run folder to load.
+"""Issue 20, item 8 (part): ``@im.register_inner_solver`` without a name; a run folder to load.
 
-``@im.inner_solver`` and ``@im.inner_solver()`` register under the function's name, as timm's
-``@register_model`` does; ``load_meta_model`` takes a run folder as ``implicit-meta evaluate
---checkpoint`` does.
+``@im.register_inner_solver`` and ``@im.register_inner_solver()`` register under the function's
+name, as timm's ``@register_model`` does; ``load_meta_model`` takes a run folder as
+``implicit-meta evaluate --checkpoint`` does.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def _cleanup() -> Iterator[list[str]]:
 def test_bare_decorator_registers_under_the_function_name(_cleanup: list[str]) -> None:
     _cleanup.append("halfway_test_solver")
 
-    @im.inner_solver
+    @im.register_inner_solver
     def halfway_test_solver(objective, params, *, steps, lr):  # type: ignore[no-untyped-def]
         for _ in range(steps):
             grads = torch.func.grad(objective)(params)
@@ -63,7 +63,7 @@ def test_empty_call_registers_under_the_function_name_with_options(
 ) -> None:
     _cleanup.append("host_sync_test_solver")
 
-    @im.inner_solver(vmappable=False, reason="it reads values on the host")
+    @im.register_inner_solver(vmappable=False, reason="it reads values on the host")
     def host_sync_test_solver(objective, params, *, steps, lr):  # type: ignore[no-untyped-def]
         return params
 
@@ -73,7 +73,7 @@ def test_empty_call_registers_under_the_function_name_with_options(
 
     _cleanup.append("plain_call_test_solver")
 
-    @im.inner_solver()
+    @im.register_inner_solver()
     def plain_call_test_solver(objective, params, *, steps, lr):  # type: ignore[no-untyped-def]
         return params
 
@@ -85,7 +85,7 @@ def test_named_registration_still_works_and_names_are_still_checked(
 ) -> None:
     _cleanup.append("named_test_solver")
 
-    @im.inner_solver("named_test_solver")
+    @im.register_inner_solver("named_test_solver")
     def some_function(objective, params, *, steps, lr):  # type: ignore[no-untyped-def]
         return params
 
@@ -94,18 +94,18 @@ def test_named_registration_still_works_and_names_are_still_checked(
     # The function's own name is taken like any other: sgd is registered already.
     with pytest.raises(ValueError, match="'sgd' is already registered"):
 
-        @im.inner_solver
+        @im.register_inner_solver
         def sgd(objective, params, *, steps, lr):  # type: ignore[no-untyped-def]
             return params
 
     with pytest.raises(ValueError, match="non-empty string"):
-        im.inner_solver("")
+        im.register_inner_solver("")
 
 
 def test_a_lambda_needs_a_name() -> None:
     before = im.list_inner_solvers()
-    with pytest.raises(ValueError, match=r'no name of its own.*inner_solver\("my_solver"\)'):
-        im.inner_solver(lambda objective, params, *, steps, lr: params)
+    with pytest.raises(ValueError, match=r'no name of its own.*register_inner_solver\("name"\)'):
+        im.register_inner_solver(lambda objective, params, *, steps, lr: params)
     assert im.list_inner_solvers() == before
 
 

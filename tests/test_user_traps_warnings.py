@@ -166,7 +166,7 @@ def test_hvp_or_cg_tol_alone_keep_the_first_order_default(how: dict[str, Any]) -
     reference = _mlp()
     reference.load_state_dict(model.state_dict())
     meta = _meta(model, **how)
-    assert meta.adjoint.first_order and meta.cg_steps == 0
+    assert meta.adjoint.first_order and meta.adjoint.cg_steps == 0
     result = meta.meta_backward(CE, *_task_seeded())
     assert result.status == CGStatus.FIRST_ORDER
     _meta(reference).meta_backward(CE, *_task_seeded())
@@ -187,9 +187,9 @@ def test_describe_says_what_auto_and_custom_curvatures_are() -> None:
     assert auto.startswith("I + C/2, CG 5")
     assert "Gauss-Newton" in auto and "output_loss" in auto and "Hessian" in auto
     custom = ImplicitAdjoint(curvature=lambda loss, phi: lambda v: v, cg_steps=2).describe()
-    assert custom.startswith("I + C/2, CG 2") and "custom" in custom
-    assert ImplicitAdjoint(curvature="hessian", cg_steps=5).describe() == "I + H/2, CG 5"
-    assert ImplicitAdjoint(curvature="gauss_newton").describe() == "I + G/2, CG 5"
+    assert custom.startswith("I + C/1, CG 2") and "custom" in custom  # reg 1 by default
+    assert ImplicitAdjoint(reg=2.0, curvature="hessian", cg_steps=5).describe() == "I + H/2, CG 5"
+    assert ImplicitAdjoint(reg=2.0, curvature="gauss_newton").describe() == "I + G/2, CG 5"
 
 
 def test_curvature_warning_names_the_curvature_auto_resolved_to() -> None:

@@ -2,7 +2,8 @@
 
 Datasets are held in memory as one uint8 tensor ``[classes, images_per_class, C, H, W]``
 (:class:`FewShotDataset`); :class:`EpisodeSampler` draws deterministic N-way K-shot meta-batches
-from it as float tensors with a leading task dimension (:class:`EpisodeBatch`).
+from it as float tensors with a leading task dimension (:class:`EpisodeBatch`). Every loader
+returns its meta-train, validation and meta-test classes in one :class:`Splits`.
 
 This namespace holds what a user calls; the building blocks (the Omniglot character splits and
 alphabet metadata, image preprocessing, the restricted unpickler, the cache folder, dataset
@@ -19,22 +20,21 @@ Example:
 from implicit_meta.data.dataset import FewShotDataset
 from implicit_meta.data.mini_imagenet import (
     MiniImageNetNotFoundError,
-    MiniImageNetSplits,
     load_mini_imagenet,
     load_mini_imagenet_split,
 )
-from implicit_meta.data.omniglot import OmniglotSplits, load_omniglot, load_omniglot_characters
+from implicit_meta.data.omniglot import load_omniglot, load_omniglot_characters
 from implicit_meta.data.rotations import rotate_classes
 from implicit_meta.data.safe_pickle import UnsafePickleError
 from implicit_meta.data.sampler import EpisodeBatch, EpisodeSampler
+from implicit_meta.data.splits import Splits
 
 __all__ = [
     "EpisodeBatch",
     "EpisodeSampler",
     "FewShotDataset",
     "MiniImageNetNotFoundError",
-    "MiniImageNetSplits",
-    "OmniglotSplits",
+    "Splits",
     "UnsafePickleError",
     "load_mini_imagenet",
     "load_mini_imagenet_split",

@@ -25,7 +25,6 @@ from __future__ import annotations
 import csv
 import io
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -37,13 +36,13 @@ from PIL import Image
 from implicit_meta.data._cache import Arrays, cached_arrays, fingerprint_files, hash_bytes
 from implicit_meta.data.dataset import FewShotDataset
 from implicit_meta.data.safe_pickle import safe_load_path
+from implicit_meta.data.splits import Splits
 
 __all__ = [
     "MINI_IMAGENET_CLASSES",
     "MINI_IMAGENET_IMAGES_PER_CLASS",
     "MINI_IMAGENET_SIZE",
     "MiniImageNetNotFoundError",
-    "MiniImageNetSplits",
     "load_mini_imagenet",
     "load_mini_imagenet_split",
 ]
@@ -73,35 +72,6 @@ class MiniImageNetNotFoundError(FileNotFoundError):
         >>> issubclass(MiniImageNetNotFoundError, FileNotFoundError)
         True
     """
-
-
-@dataclass(frozen=True)
-class MiniImageNetSplits:
-    """The three Mini-ImageNet splits.
-
-    Attributes:
-        train: 64 classes for meta-training.
-        val: 16 classes for validation.
-        test: 20 classes for meta-testing.
-
-    Example:
-        >>> import pickle, shutil, tempfile, numpy as np
-        >>> root = tempfile.mkdtemp()  # a tiny copy in the pickle form: 2 classes x 3 images
-        >>> for name in ("train", "validation", "test"):
-        ...     data = {"image_data": np.zeros((6, 84, 84, 3), np.uint8),
-        ...             "class_dict": {f"n0{name}{c}": [3 * c, 3 * c + 1, 3 * c + 2]
-        ...                            for c in range(2)}}
-        ...     with open(f"{root}/mini-imagenet-cache-{name}.pkl", "wb") as f:
-        ...         pickle.dump(data, f)
-        >>> splits = load_mini_imagenet(root, use_cache=False)
-        >>> splits.train.images.shape  # the real data: [64, 600, 3, 84, 84]
-        torch.Size([2, 3, 3, 84, 84])
-        >>> shutil.rmtree(root)
-    """
-
-    train: FewShotDataset
-    val: FewShotDataset
-    test: FewShotDataset
 
 
 def _paths(root: Path, split: str) -> tuple[Path, Path, Path]:
@@ -324,7 +294,7 @@ def load_mini_imagenet(
     strict: bool = False,
     cache_dir: str | os.PathLike[str] | None = None,
     use_cache: bool = True,
-) -> MiniImageNetSplits:
+) -> Splits[FewShotDataset]:
     """Load the train, val and test splits of Mini-ImageNet (about 1.3 GB as uint8).
 
     Args:
@@ -335,7 +305,7 @@ def load_mini_imagenet(
         use_cache: Read and write the CSV-form cache.
 
     Returns:
-        The three splits.
+        The three splits (``val`` is always present).
 
     Raises:
         MiniImageNetNotFoundError: If a split's files are missing.
@@ -365,4 +335,4 @@ def load_mini_imagenet(
             root, split, form=form, strict=strict, cache_dir=cache_dir, use_cache=use_cache
         )
 
-    return MiniImageNetSplits(train=one("train"), val=one("val"), test=one("test"))
+    return Splits(train=one("train"), val=one("val"), test=one("test"))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
@@ -20,36 +19,12 @@ from implicit_meta.data.omniglot_sources import (
 )
 from implicit_meta.data.preprocess import omniglot_ink_image
 from implicit_meta.data.rotations import VALID_ANGLES, rotate_classes
-from implicit_meta.data.splits import OmniglotProtocol, omniglot_character_split
+from implicit_meta.data.splits import OmniglotProtocol, Splits, omniglot_character_split
 
-__all__ = ["OmniglotSplits", "load_omniglot", "load_omniglot_characters"]
+__all__ = ["load_omniglot", "load_omniglot_characters"]
 
 CACHE_VERSION = 1
 """Bumped whenever preprocessing changes, so stale cache files are never read."""
-
-
-@dataclass(frozen=True)
-class OmniglotSplits:
-    """The meta-train, optional validation and meta-test sets of one Omniglot protocol.
-
-    Attributes:
-        train: Meta-training classes (with rotation classes if requested).
-        test: Meta-test classes.
-        val: Validation classes, or None if ``val_classes`` was 0.
-        protocol: ``"paper"`` or ``"lake"``.
-        image_size: Height and width of the images.
-
-    Example:
-        >>> splits = load_omniglot()
-        >>> splits.train.num_classes, splits.test.num_classes
-        (4800, 423)
-    """
-
-    train: FewShotDataset
-    test: FewShotDataset
-    val: FewShotDataset | None
-    protocol: OmniglotProtocol
-    image_size: int
 
 
 def _preprocess_all(source: OmniglotSource, image_size: int) -> Arrays:
@@ -150,7 +125,7 @@ def load_omniglot(
     val_classes: int = 0,
     cache_dir: str | os.PathLike[str] | None = None,
     use_cache: bool = True,
-) -> OmniglotSplits:
+) -> Splits[FewShotDataset]:
     """Load Omniglot split by ``protocol``, preprocessed as in the iMAML paper.
 
     Images are 105x105 drawings resized with PIL LANCZOS to ``image_size`` and inverted so ink is
@@ -177,7 +152,8 @@ def load_omniglot(
         use_cache: Read and write the preprocessing cache.
 
     Returns:
-        The splits.
+        The meta-train (with rotation classes if requested), validation (None if
+        ``val_classes`` is 0) and meta-test classes, uint8 on the CPU.
 
     Raises:
         FileNotFoundError: If ``root`` holds no Omniglot data.
@@ -206,10 +182,8 @@ def load_omniglot(
         )
         return rotate_classes(base, angles)
 
-    return OmniglotSplits(
+    return Splits(
         train=subset("train", split.train, train_angles),
+        val=None if split.val is None else subset("val", split.val, test_angles),
         test=subset("test", split.test, test_angles),
-        val=subset("val", split.val, test_angles) if split.val else None,
-        protocol=protocol,
-        image_size=image_size,
     )

@@ -1,7 +1,13 @@
-"""Omniglot meta-train / validation / meta-test character splits.
+"""Train / validation / test splits: the container every loader returns, and Omniglot's splits.
 
-Two protocols, both class-disjoint at the level of characters (so all rotations of a test
-character stay out of meta-training, because rotations are added after splitting):
+:class:`Splits` holds the meta-train, optional validation and meta-test parts of one dataset;
+:func:`~implicit_meta.data.load_omniglot`, :func:`~implicit_meta.data.load_mini_imagenet`,
+:func:`implicit_meta.fewshot.load_splits` (datasets) and :func:`omniglot_character_split`
+(character ids) all return one.
+
+Omniglot has two split protocols (:data:`PROTOCOLS`), both class-disjoint at the level of
+characters (so all rotations of a test character stay out of meta-training, because rotations
+are added after splitting):
 
 ``"paper"`` (iMAML, Rajeswaran et al. 2019, following Finn et al. 2017)
     ``numpy.random.default_rng(0).permutation(1623)`` of the official character ids 1..1623 in
@@ -22,7 +28,7 @@ is the permutation above (positions ``1200 - val_classes`` .. 1199); for ``"lake
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Generic, Literal, TypeVar, get_args
 
 import numpy as np
 import numpy.typing as npt
@@ -31,14 +37,21 @@ from implicit_meta.data.omniglot_meta import NUM_BACKGROUND_CHARACTERS, NUM_CHAR
 
 __all__ = [
     "PAPER_NUM_TRAIN",
+    "PROTOCOLS",
     "SPLIT_SEED",
-    "CharacterSplit",
     "OmniglotProtocol",
+    "Splits",
+    "check_protocol",
     "omniglot_character_split",
 ]
 
+T = TypeVar("T")
+
 OmniglotProtocol = Literal["paper", "lake"]
-"""Name of a split protocol."""
+"""Name of an Omniglot split protocol."""
+
+PROTOCOLS: tuple[OmniglotProtocol, ...] = get_args(OmniglotProtocol)
+"""The Omniglot split protocols, ``("paper", "lake")``: the one list every check reads."""
 
 SPLIT_SEED = 0
 """Seed of the ``numpy.random.default_rng`` permutations that define the splits."""
@@ -47,24 +60,54 @@ PAPER_NUM_TRAIN = 1200
 """Meta-train characters (validation included) of the ``"paper"`` protocol."""
 
 
-@dataclass(frozen=True)
-class CharacterSplit:
-    """Official character ids of each split, ascending.
+@dataclass(frozen=True, kw_only=True)
+class Splits(Generic[T]):
+    """The meta-train, optional validation and meta-test parts of one dataset, class-disjoint.
+
+    Fields are keyword-only, so a test set can never be passed where validation was meant.
 
     Attributes:
-        train: Meta-training characters.
-        val: Validation characters (empty unless requested).
-        test: Meta-test characters.
+        train: Classes tasks are meta-trained on.
+        val: Validation classes for model selection, or None when the dataset has none or none
+            was requested.
+        test: Held-out classes tasks are evaluated on.
 
     Example:
-        >>> s = omniglot_character_split("lake")
-        >>> len(s.train), len(s.val), len(s.test)
-        (964, 0, 659)
+        >>> s = Splits(train=(1, 2, 3), test=(4, 5))
+        >>> s.val is None, s.test
+        (True, (4, 5))
+        >>> Splits(train=(1, 2), val=(3,), test=(4,)).val
+        (3,)
     """
 
-    train: tuple[int, ...]
-    val: tuple[int, ...]
-    test: tuple[int, ...]
+    train: T
+    val: T | None = None
+    test: T
+
+
+def check_protocol(protocol: str) -> OmniglotProtocol:
+    """Return ``protocol`` if it names an Omniglot split protocol, else refuse it.
+
+    Args:
+        protocol: The name to check.
+
+    Returns:
+        ``protocol``, typed as an :data:`OmniglotProtocol`.
+
+    Raises:
+        ValueError: If ``protocol`` is not one of :data:`PROTOCOLS`.
+
+    Example:
+        >>> check_protocol("lake")
+        'lake'
+        >>> check_protocol("vinyals")
+        Traceback (most recent call last):
+        ...
+        ValueError: protocol must be one of paper, lake; got 'vinyals'
+    """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}; got {protocol!r}")
+    return protocol
 
 
 def _sorted(ids: npt.NDArray[np.int64]) -> tuple[int, ...]:
@@ -73,15 +116,15 @@ def _sorted(ids: npt.NDArray[np.int64]) -> tuple[int, ...]:
 
 def omniglot_character_split(
     protocol: OmniglotProtocol = "paper", *, val_classes: int = 0
-) -> CharacterSplit:
-    """Return the character ids of each split of ``protocol`` (see the module docstring).
+) -> Splits[tuple[int, ...]]:
+    """Return the official character ids of each split of ``protocol`` (see the module docstring).
 
     Args:
         protocol: ``"paper"`` or ``"lake"``.
         val_classes: Number of meta-train characters to hold out for validation.
 
     Returns:
-        The split of the full 1623 characters.
+        The ids of each split, ascending; ``val`` is None when ``val_classes`` is 0.
 
     Raises:
         ValueError: If ``protocol`` is unknown or ``val_classes`` is negative or would leave no
@@ -91,9 +134,10 @@ def omniglot_character_split(
         >>> s = omniglot_character_split("paper", val_classes=100)
         >>> len(s.train), len(s.val), len(s.test)
         (1100, 100, 423)
+        >>> omniglot_character_split("lake").val is None
+        True
     """
-    if protocol not in get_args(OmniglotProtocol):
-        raise ValueError(f"unknown protocol {protocol!r}; use one of {get_args(OmniglotProtocol)}")
+    protocol = check_protocol(protocol)
     ids = np.arange(1, NUM_CHARACTERS + 1)
     rng = np.random.default_rng(SPLIT_SEED)
     if protocol == "paper":
@@ -109,6 +153,8 @@ def omniglot_character_split(
             f"got {val_classes}"
         )
     cut = len(train_order) - val_classes
-    return CharacterSplit(
-        train=_sorted(train_order[:cut]), val=_sorted(train_order[cut:]), test=_sorted(test)
+    return Splits(
+        train=_sorted(train_order[:cut]),
+        val=_sorted(train_order[cut:]) if val_classes else None,
+        test=_sorted(test),
     )

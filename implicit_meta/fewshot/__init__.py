@@ -4,7 +4,7 @@ The pieces behind ``implicit-meta train`` and ``implicit-meta evaluate``, usable
 This namespace holds what a user calls; the building blocks (file names, choices, schedule,
 device and thread helpers, checks) stay importable from their modules:
 ``implicit_meta.fewshot.config``, ``.checks``, ``.run_files``, ``.checkpoint``, ``.device``,
-``.evaluation``, ``.meta_batch``, ``.metrics``, ``.builders``.
+``.evaluation``, ``.meta_batch``, ``.metrics``, ``.builders``, ``.meta_splits``.
 
 Example:
     >>> from implicit_meta.fewshot import TrainConfig, confidence_interval
@@ -28,7 +28,7 @@ from implicit_meta.fewshot.evaluation import (
 from implicit_meta.fewshot.loading import evaluate_checkpoint, load_meta_model
 from implicit_meta.fewshot.losses import cross_entropy, cross_entropy_and_accuracy
 from implicit_meta.fewshot.meta_batch import MetaBatchStats, meta_train_step
-from implicit_meta.fewshot.meta_splits import FewShotSplits, load_splits
+from implicit_meta.fewshot.meta_splits import load_splits
 from implicit_meta.fewshot.metrics import read_metrics
 from implicit_meta.fewshot.plots import plot_curves
 from implicit_meta.fewshot.trainer import TrainResult, train
@@ -37,7 +37,6 @@ __all__ = [
     "CheckpointError",
     "DeviceUnavailableError",
     "EvaluationResult",
-    "FewShotSplits",
     "MetaBatchStats",
     "TrainConfig",
     "TrainResult",

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from implicit_meta.fewshot.config import TrainConfig
-from implicit_meta.models import build_backbone
+from implicit_meta.models import create_backbone
 from implicit_meta.optimizer import ImplicitMetaOptimizer
 
 __all__ = ["build_lr_scheduler", "build_meta_optimizer", "build_model", "initial_model"]
@@ -39,7 +39,7 @@ def build_model(
         torch.Size([2, 5])
     """
     channels, height, _ = image_shape
-    model = build_backbone(
+    model = create_backbone(
         config.backbone, num_classes=config.ways, in_channels=channels, image_size=height
     )
     return model.to(device=torch.device(device), dtype=torch.float32).train()

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from implicit_meta import __version__
 from implicit_meta._atomic import atomic_write
 
 __all__ = [
@@ -29,12 +30,29 @@ __all__ = [
     "save_checkpoint",
 ]
 
-CHECKPOINT_FORMAT = "implicit-meta/fewshot-checkpoint/v1"
-"""Value of the ``"format"`` entry; bumped if the layout changes incompatibly."""
+CHECKPOINT_FORMAT = "implicit-meta/fewshot-checkpoint/v2"
+"""Value of the ``"format"`` entry; bumped when the layout changes incompatibly.
+
+Files of another format are refused (see :func:`load_checkpoint`). v2 stores the settings
+once, as ``config``, and Adam's state as ``outer_optimizer``; v1 also stored the
+meta-optimizer's settings, in a second form, under ``meta``.
+"""
+
+_FORMAT_PREFIX = "implicit-meta/fewshot-checkpoint/"
 
 _FILE_HINT = "checkpoint.pt or best.pt"
 
-_REQUIRED = ("format", "config", "step", "model", "meta")
+_REQUIRED = (
+    "config",
+    "image_shape",
+    "step",
+    "model",
+    "outer_optimizer",
+    "lr_scheduler",
+    "best",
+    "world_size",
+    "ranks",
+)
 
 
 class CheckpointError(ValueError):
@@ -152,12 +170,17 @@ def load_checkpoint(
         map_location: Where tensors are loaded.
 
     Returns:
-        The checkpoint dict (``format``, ``config``, ``step``, ``model``, ``meta`` and, for
-        resuming, ``lr_scheduler``, ``best``, ``sampler``, ``torch_rng``, ``cuda_rng``).
+        The checkpoint dict: ``format``, ``config`` (the run's settings, as
+        :meth:`~implicit_meta.fewshot.TrainConfig.to_dict` gives them: their one record),
+        ``image_shape``, ``step``, ``model`` (the state dict), and for resuming
+        ``outer_optimizer`` (Adam's state dict), ``lr_scheduler``, ``best``, ``world_size``,
+        ``ranks`` (each rank's ``sampler``, ``torch_rng`` and ``cuda_rng``; rank 0's are also
+        at the top level) and ``versions``.
 
     Raises:
         FileNotFoundError: If ``path`` does not exist.
-        CheckpointError: If the file is not a checkpoint of this format.
+        CheckpointError: If the file is not a checkpoint, or one of another format (written by
+            another version of implicit-meta: the message names it and how to go on).
 
     Example:
         >>> import tempfile, warnings
@@ -191,11 +214,29 @@ def load_checkpoint(
         ) from error
     if not isinstance(state, dict):
         raise CheckpointError(f"{source} holds a {type(state).__name__}, not a checkpoint dict")
+    if "format" not in state:
+        raise CheckpointError(f"{source} lacks 'format'; is it an implicit-meta checkpoint?")
+    if state["format"] != CHECKPOINT_FORMAT:
+        raise CheckpointError(_format_message(source, state))
     missing = [key for key in _REQUIRED if key not in state]
     if missing:
         raise CheckpointError(f"{source} lacks {missing}; is it an implicit-meta checkpoint?")
-    if state["format"] != CHECKPOINT_FORMAT:
-        raise CheckpointError(
-            f"{source} has format {state['format']!r}; this version reads {CHECKPOINT_FORMAT!r}"
-        )
     return state
+
+
+def _format_message(source: Path, state: dict[str, Any]) -> str:
+    """Why a checkpoint of another format is refused, and how to go on."""
+    found = state["format"]
+    if not isinstance(found, str) or not found.startswith(_FORMAT_PREFIX):
+        return f"{source} has format {found!r}, not an implicit-meta few-shot checkpoint format"
+    versions = state.get("versions")
+    writer = versions.get("implicit_meta") if isinstance(versions, dict) else None
+    by = f"implicit-meta {writer}" if isinstance(writer, str) else "another implicit-meta"
+    load_with = (
+        f"implicit-meta=={writer}" if isinstance(writer, str) else "the version that wrote it"
+    )
+    return (
+        f"{source} is a checkpoint of format {found!r}, written by {by}; implicit-meta "
+        f"{__version__} reads only {CHECKPOINT_FORMAT!r}. To go on, retrain with this version, "
+        f"or load or resume it with {load_with}"
+    )

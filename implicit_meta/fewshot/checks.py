@@ -1,9 +1,9 @@
 """Checks a run's settings must pass before it starts: against the library and the launch.
 
-:class:`~implicit_meta.fewshot.config.TrainConfig` checks each field alone and
+:class:`~implicit_meta.fewshot.config.TrainConfig` checks its settings when it is made
+(the backbone and inner solver included) and
 :func:`~implicit_meta.fewshot.config.check_resumable` compares two configs; these need more
-than the config: the registered backbones and inner solvers, the number of processes, or the
-model built for the dataset's images.
+than the config: the number of processes, or the model built for the dataset's images.
 """
 
 from __future__ import annotations
@@ -13,33 +13,8 @@ from torch import Tensor, nn
 
 from implicit_meta.distributed import check_meta_batch_divides
 from implicit_meta.fewshot.config import TrainConfig
-from implicit_meta.models.registry import check_backbone
 
-__all__ = ["check_config", "check_model", "check_world_size"]
-
-
-def check_config(config: TrainConfig) -> None:
-    """Raise if ``config`` cannot train, before any data is loaded or any file written.
-
-    :class:`TrainConfig` checks each field alone; this checks what needs the library: that the
-    backbone and the inner solver exist, that the inner options suit the solver, and that the
-    inner step is stable at ``reg``. It builds the inner problem alone, so it costs nothing.
-
-    Args:
-        config: The run settings.
-
-    Raises:
-        ValueError: Naming the setting that fails and why.
-
-    Example:
-        >>> check_config(TrainConfig())
-        >>> check_config(TrainConfig(inner="sdg"))
-        Traceback (most recent call last):
-        ...
-        ValueError: ...sdg...
-    """
-    check_backbone(config.backbone)
-    config.inner_problem()
+__all__ = ["check_model", "check_world_size"]
 
 
 def check_world_size(config: TrainConfig, world_size: int) -> None:

@@ -10,8 +10,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from implicit_meta.functional.adjoint import ImplicitAdjoint, stored_first_order
-from implicit_meta.problem import PARTIAL_CG_STEPS, InnerProblem
+from implicit_meta.fewshot.meta_splits import DATASETS, PROTOCOLS
+from implicit_meta.functional.adjoint import ImplicitAdjoint
+from implicit_meta.functional.curvature import CURVATURES
+from implicit_meta.functional.hvp import HVP_MODES
+from implicit_meta.models.registry import check_backbone
+from implicit_meta.problem import SHORTHANDS, InnerProblem, default_adjoint_for, resolve_problem
 
 __all__ = [
     "ADAPT_CHOICES",
@@ -23,29 +27,13 @@ __all__ = [
     "TASK_STRATEGIES",
     "TrainConfig",
     "check_resumable",
+    "field_choices",
+    "field_type",
     "meta_lr_at",
 ]
 
-DATASETS = ("omniglot", "mini-imagenet")
-"""Datasets :func:`~implicit_meta.fewshot.train` knows how to load."""
-
-PROTOCOLS = ("paper", "lake")
-"""Omniglot character splits (see :func:`implicit_meta.data.load_omniglot`)."""
-
 ADAPT_CHOICES = ("all", "head")
 """What a run adapts per task: every parameter, or the classifier head on a shared body."""
-
-WHOLE_NETWORK_STEPS = 5
-"""Inner SGD steps of ``adapt="all"`` runs when not given."""
-
-WHOLE_NETWORK_LR = 0.1
-"""Inner SGD learning rate of ``adapt="all"`` runs when not given."""
-
-WHOLE_NETWORK_REG = 1.0
-"""``reg`` of ``adapt="all"`` runs when not given."""
-
-HEAD_REG = 0.5
-"""``reg`` of ``adapt="head"`` runs when not given."""
 
 DEVICES = ("auto", "cpu", "cuda")
 """Device choices; ``"auto"`` is CUDA when available, else the CPU."""
@@ -80,6 +68,15 @@ resumable only with the constant schedule: under the cosine it sets the schedule
 """
 
 
+_ADJOINT_DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(ImplicitAdjoint)}
+"""The adjoint's defaults, which the run's adjoint fields share (one home for each value)."""
+
+
+def _choice(default: str, choices: tuple[str, ...]) -> Any:
+    """A field that takes one of ``choices``; the command line offers them as its choices."""
+    return dataclasses.field(default=default, metadata={"choices": choices})
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything that defines a meta-training run; stored in checkpoints as a plain dict.
@@ -105,7 +102,7 @@ class TrainConfig:
         ways: Classes per task, N.
         shots: Support images per class, K.
         queries: Query images per class.
-        backbone: Backbone spec for :func:`implicit_meta.models.build_backbone`.
+        backbone: Backbone spec for :func:`implicit_meta.models.create_backbone`.
         adapt: ``"head"`` (the default) adapts the classifier (``get_classifier()``) on
             features of a shared body, which is meta-learned through the exact implicit function
             theorem (see :class:`~implicit_meta.InnerProblem`); ``"all"`` adapts every
@@ -166,39 +163,39 @@ class TrainConfig:
         True
     """
 
-    dataset: str = "omniglot"
+    dataset: str = _choice("omniglot", DATASETS)
     root: str | None = None
-    protocol: str = "paper"
+    protocol: str = _choice("paper", PROTOCOLS)
     ways: int = 5
     shots: int = 5
     queries: int = 15
     backbone: str = "conv4-32"
-    adapt: str = "head"
+    adapt: str = _choice("head", ADAPT_CHOICES)
     inner: str | None = None
     inner_steps: int | None = None
     inner_lr: float | None = None
     reg: float | None = None
-    curvature: str = "auto"
-    damping: float = 0.0
-    curvature_scale: float = 1.0
-    cg_steps: int | None = None
-    cg_tol: float = 1e-10
-    hvp: str = "auto"
+    curvature: str = _choice(_ADJOINT_DEFAULTS["curvature"], CURVATURES)
+    damping: float = _ADJOINT_DEFAULTS["damping"]
+    curvature_scale: float = _ADJOINT_DEFAULTS["curvature_scale"]
+    cg_steps: int | None = _ADJOINT_DEFAULTS["cg_steps"]
+    cg_tol: float = _ADJOINT_DEFAULTS["cg_tol"]
+    hvp: str = _choice(_ADJOINT_DEFAULTS["hvp"], HVP_MODES)
     meta_batch: int = 4
     meta_steps: int = 500
     meta_lr: float = 3e-3
-    lr_schedule: str = "cosine"
+    lr_schedule: str = _choice("cosine", LR_SCHEDULES)
     time_budget: float = 0.0
     eval_episodes: int = 600
     val_classes: int = 100
     val_episodes: int = 50
     val_every: int = 50
     seed: int = 0
-    device: str = "auto"
+    device: str = _choice("auto", DEVICES)
     threads: int = 0
     log_every: int = 10
     checkpoint_every: int = 50
-    task_strategy: str = "auto"
+    task_strategy: str = _choice("auto", TASK_STRATEGIES)
     compile_inner: bool = False
 
     def __post_init__(self) -> None:
@@ -222,12 +219,8 @@ class TrainConfig:
                 raise TypeError(
                     f"{name} must be {kind}{' or None' if optional else ''}, got {value!r}"
                 )
-        _check_choice("dataset", self.dataset, DATASETS)
-        _check_choice("adapt", self.adapt, ADAPT_CHOICES)
-        _check_choice("protocol", self.protocol, PROTOCOLS)
-        _check_choice("device", self.device, DEVICES)
-        _check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
-        _check_choice("task_strategy", self.task_strategy, TASK_STRATEGIES)
+        for name, choices in field_choices().items():
+            _check_choice(name, getattr(self, name), choices)
         for name in ("ways", "shots", "meta_batch", "log_every", "checkpoint_every", "val_every"):
             _check_min(name, getattr(self, name), 1)
         for name in (
@@ -242,7 +235,9 @@ class TrainConfig:
         ):
             if getattr(self, name) is not None:
                 _check_min(name, getattr(self, name), 0)
-        # The adjoint validates its own fields (reg, curvature, damping, cg_steps, hvp, ...).
+        # The inner problem and the adjoint validate their own fields (the solver is registered,
+        # its options and step suit it, curvature, damping, cg_steps, ...): every setting is
+        # checked here, once, when the config is made.
         self.adjoint()
         if self.queries < 1:
             raise ValueError("queries must be at least 1 (the outer loss needs a query set)")
@@ -252,8 +247,7 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a positive finite number, got {value}")
         if not math.isfinite(self.time_budget) or self.time_budget < 0:
             raise ValueError(f"time_budget must be >= 0 seconds, got {self.time_budget}")
-        if not self.backbone:
-            raise ValueError("backbone must be a non-empty spec such as 'conv4'")
+        check_backbone(self.backbone)  # registered, or a model timm knows; nothing is built
         if self.dataset == "omniglot" and self.val_episodes and not self.val_classes:
             raise ValueError(
                 "val_episodes > 0 needs validation classes: set val_classes > 0 (Omniglot "
@@ -267,21 +261,23 @@ class TrainConfig:
 
     @property
     def proximal_reg(self) -> float:
-        """``reg``, or its default for what adapts (1 for the whole network, 0.5 for a head).
+        """``reg``, or its default for what adapts (see :class:`~implicit_meta.InnerProblem`).
 
         Example:
             >>> TrainConfig().proximal_reg, TrainConfig(adapt="all").proximal_reg
             (0.5, 1.0)
         """
-        if self.reg is not None:
-            return self.reg
-        return WHOLE_NETWORK_REG if self.adapt == "all" else HEAD_REG
+        return self.inner_problem().reg
 
     def inner_problem(self) -> InnerProblem:
         """The inner problem of this run: what adapts, ``reg``, the solver and its settings.
 
+        The fields named as :data:`~implicit_meta.problem.SHORTHANDS` are passed on as they
+        are; those left ``None`` take the problem's defaults, the same as
+        :class:`~implicit_meta.ImplicitMetaOptimizer`'s.
+
         Returns:
-            The validated problem (unset solver settings take the defaults of ``adapt``).
+            The validated problem.
 
         Raises:
             ValueError: If the solver is not registered, or its step diverges at ``reg``.
@@ -292,26 +288,18 @@ class TrainConfig:
             >>> TrainConfig(adapt="all").inner_problem().steps
             5
         """
-        # The whole network takes this command's SGD defaults; a head takes the problem's own
-        # (dense Newton) unless a solver is named, which then keeps the usual steps and rate.
-        whole = self.adapt == "all" or self.inner is not None
-        solver = self.inner if self.inner is not None else ("sgd" if whole else None)
-        steps = self.inner_steps
-        lr = self.inner_lr
-        if whole:
-            steps = WHOLE_NETWORK_STEPS if steps is None else steps
-            lr = WHOLE_NETWORK_LR if lr is None else lr
-        return InnerProblem(
-            adapt=self.adapt,
-            reg=self.proximal_reg,
-            solver=solver,
-            steps=steps,
-            lr=lr,
-            compile=self.compile_inner,
-        )
+        shorthands = {
+            field: getattr(self, name) for name, field in SHORTHANDS.items() if hasattr(self, name)
+        }
+        return resolve_problem(None, shorthands)
 
     def adjoint(self) -> ImplicitAdjoint:
         """The linear-solve settings of this run as an :class:`ImplicitAdjoint`.
+
+        The fields named as :class:`ImplicitAdjoint`'s are passed on as they are, with the
+        inner problem's ``reg``; a partial problem that leaves ``cg_steps`` unset takes the
+        exact system (:func:`~implicit_meta.problem.default_adjoint_for`), as the
+        meta-optimizer does.
 
         Returns:
             The adjoint with this config's ``reg``, curvature, damping and CG settings.
@@ -322,18 +310,9 @@ class TrainConfig:
             >>> TrainConfig(adapt="head").adjoint().cg_steps  # the exact gradient of a head
             20
         """
-        adjoint = ImplicitAdjoint(
-            reg=self.proximal_reg,
-            curvature=self.curvature,
-            damping=self.damping,
-            curvature_scale=self.curvature_scale,
-            cg_steps=self.cg_steps,
-            cg_tol=self.cg_tol,
-            hvp=self.hvp,
-        )
-        if self.adapt != "all" and self.cg_steps is None and adjoint.first_order:
-            adjoint = adjoint.replace(cg_steps=PARTIAL_CG_STEPS)  # see default_adjoint_for
-        return adjoint
+        problem = self.inner_problem()
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(ImplicitAdjoint)}
+        return default_adjoint_for(problem, ImplicitAdjoint(**{**fields, "reg": problem.reg}))
 
     def to_dict(self) -> dict[str, Any]:
         """The config as a dict of str, int, float and None (safe for ``weights_only`` loads).
@@ -367,7 +346,7 @@ class TrainConfig:
         unknown = set(values) - set(_field_types())
         if unknown:
             raise ValueError(f"unknown config fields: {sorted(unknown)}")
-        return cls(**stored_first_order(values))
+        return cls(**values)
 
     def replace(self, **changes: Any) -> TrainConfig:
         """A copy with some fields changed (validated again).
@@ -461,6 +440,39 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 def _check_min(name: str, value: int, minimum: int) -> None:
     if value < minimum:
         raise ValueError(f"{name} must be at least {minimum}, got {value}")
+
+
+def field_choices() -> dict[str, tuple[str, ...]]:
+    """The fields of :class:`TrainConfig` that take one of a few names, with those names.
+
+    Returns:
+        Field name to its choices, in field order.
+
+    Example:
+        >>> field_choices()["adapt"]
+        ('all', 'head')
+    """
+    return {
+        f.name: f.metadata["choices"]
+        for f in dataclasses.fields(TrainConfig)
+        if "choices" in f.metadata
+    }
+
+
+def field_type(name: str) -> tuple[type, bool]:
+    """A :class:`TrainConfig` field's value type, and whether it may be ``None``.
+
+    Args:
+        name: The field's name.
+
+    Returns:
+        The type read from the field's annotation, and whether it is optional.
+
+    Example:
+        >>> field_type("cg_steps"), field_type("meta_lr")
+        ((<class 'int'>, True), (<class 'float'>, False))
+    """
+    return _field_types()[name]
 
 
 @functools.cache

@@ -148,10 +148,10 @@ def episode_accuracies(
         >>> import torch, warnings
         >>> import implicit_meta as im
         >>> from implicit_meta.data import EpisodeSampler, load_omniglot
-        >>> from implicit_meta.models import build_backbone
+        >>> from implicit_meta.models import create_backbone
         >>> warnings.simplefilter("ignore")  # curvature warnings of an untrained model
         >>> test_sampler = EpisodeSampler(load_omniglot().test, 3, 1, 2, seed=0)
-        >>> model = build_backbone("conv4-8", num_classes=3, in_channels=1, image_size=28)
+        >>> model = create_backbone("conv4-8", num_classes=3, in_channels=1, image_size=28)
         >>> meta = im.ImplicitMetaOptimizer(model, torch.optim.Adam(model.parameters()),
         ...                                 inner_steps=2, cg_steps=1)
         >>> values = episode_accuracies(meta, test_sampler, 4)
@@ -208,10 +208,10 @@ def evaluate_episodes(
         >>> import torch, warnings
         >>> import implicit_meta as im
         >>> from implicit_meta.data import EpisodeSampler, load_omniglot
-        >>> from implicit_meta.models import build_backbone
+        >>> from implicit_meta.models import create_backbone
         >>> warnings.simplefilter("ignore")  # curvature warnings of an untrained model
         >>> test_sampler = EpisodeSampler(load_omniglot().test, 3, 1, 2, seed=0)
-        >>> model = build_backbone("conv4-8", num_classes=3, in_channels=1, image_size=28)
+        >>> model = create_backbone("conv4-8", num_classes=3, in_channels=1, image_size=28)
         >>> meta = im.ImplicitMetaOptimizer(model, torch.optim.Adam(model.parameters()),
         ...                                 inner_steps=2, cg_steps=1)
         >>> result = evaluate_episodes(meta, test_sampler, 4)

@@ -10,7 +10,7 @@ from torch import nn
 
 from implicit_meta.data import EpisodeSampler
 from implicit_meta.fewshot.builders import build_meta_optimizer, build_model, initial_model
-from implicit_meta.fewshot.checkpoint import CheckpointError, load_checkpoint
+from implicit_meta.fewshot.checkpoint import load_checkpoint
 from implicit_meta.fewshot.config import TrainConfig
 from implicit_meta.fewshot.device import configure_threads, resolve_device
 from implicit_meta.fewshot.evaluation import EvaluationResult, evaluate_episodes
@@ -125,10 +125,7 @@ def _load(
     """Read a checkpoint once: its meta-trained model (or its untrained start) and config."""
     state = load_checkpoint(checkpoint_path, map_location="cpu")
     config = TrainConfig.from_dict(state["config"])
-    shape = state.get("image_shape")
-    if not isinstance(shape, list | tuple) or len(shape) != 3:
-        raise CheckpointError(f"{checkpoint_path} has no valid image_shape entry")
-    channels, height, width = (int(v) for v in shape)
+    channels, height, width = (int(v) for v in state["image_shape"])
     image_shape = (channels, height, width)
     if initial:
         return initial_model(config, image_shape, target), config

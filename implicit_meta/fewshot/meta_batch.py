@@ -114,8 +114,8 @@ def meta_backward_episodes(
 
     Example:
         >>> import implicit_meta as im
-        >>> from implicit_meta.models import build_backbone
-        >>> model = build_backbone("conv4-8", num_classes=2, in_channels=1, image_size=16)
+        >>> from implicit_meta.models import create_backbone
+        >>> model = create_backbone("conv4-8", num_classes=2, in_channels=1, image_size=16)
         >>> meta = im.ImplicitMetaOptimizer(model, torch.optim.Adam(model.parameters()),
         ...                                 inner_steps=1, cg_steps=1)
         >>> x, y = torch.rand(3, 2, 1, 16, 16), torch.tensor([[0, 1]] * 3)
@@ -158,8 +158,8 @@ def meta_train_step(
 
     Example:
         >>> import implicit_meta as im
-        >>> from implicit_meta.models import build_backbone
-        >>> model = build_backbone("conv4-8", num_classes=2, in_channels=1, image_size=16)
+        >>> from implicit_meta.models import create_backbone
+        >>> model = create_backbone("conv4-8", num_classes=2, in_channels=1, image_size=16)
         >>> meta = im.ImplicitMetaOptimizer(model, torch.optim.Adam(model.parameters()),
         ...                                 inner_steps=1, cg_steps=1)
         >>> x, y = torch.rand(2, 2, 1, 16, 16), torch.tensor([[0, 1]] * 2)

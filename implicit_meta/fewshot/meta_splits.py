@@ -1,34 +1,45 @@
-"""Loading the meta-train, validation and meta-test splits a :class:`TrainConfig` names."""
+"""Loading the meta-train, validation and meta-test splits a :class:`TrainConfig` names.
+
+The dataset and protocol names a run may ask for are checked here, once, by
+:func:`check_dataset`; :class:`~implicit_meta.fewshot.TrainConfig` calls it at construction.
+"""
 
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import cast
 
-from implicit_meta.data import FewShotDataset, load_mini_imagenet_split, load_omniglot
+from implicit_meta.data import FewShotDataset, Splits, load_mini_imagenet_split, load_omniglot
+from implicit_meta.data.splits import PROTOCOLS, OmniglotProtocol, check_protocol
 
-__all__ = ["FewShotSplits", "load_splits"]
+__all__ = ["DATASETS", "PROTOCOLS", "check_dataset", "load_splits"]
+
+DATASETS = ("omniglot", "mini-imagenet")
+"""Datasets :func:`load_splits` (and so :func:`~implicit_meta.fewshot.train`) can load."""
 
 
-class FewShotSplits(NamedTuple):
-    """Meta-train and meta-test classes of one dataset.
+def check_dataset(dataset: str, protocol: str = "paper") -> None:
+    """Refuse a dataset name :func:`load_splits` does not know, or an unknown Omniglot protocol.
 
-    Attributes:
-        train: Classes tasks are meta-trained on.
-        test: Held-out classes tasks are evaluated on.
-        val: Validation classes for model selection (disjoint from both), or None.
+    The protocol is checked whatever the dataset, so a configuration is valid or not on its own.
+
+    Args:
+        dataset: One of :data:`DATASETS`.
+        protocol: One of :data:`~implicit_meta.data.splits.PROTOCOLS`.
+
+    Raises:
+        ValueError: Naming the field and the accepted values.
 
     Example:
-        >>> import torch
-        >>> from implicit_meta.data import FewShotDataset
-        >>> ds = FewShotDataset(torch.zeros(5, 4, 1, 8, 8, dtype=torch.uint8), tuple("abcde"))
-        >>> FewShotSplits(train=ds, test=ds).test.num_classes
-        5
+        >>> check_dataset("omniglot", "lake")
+        >>> check_dataset("cifar")
+        Traceback (most recent call last):
+        ...
+        ValueError: dataset must be one of omniglot, mini-imagenet; got 'cifar'
     """
-
-    train: FewShotDataset
-    test: FewShotDataset
-    val: FewShotDataset | None = None
+    if dataset not in DATASETS:
+        raise ValueError(f"dataset must be one of {', '.join(DATASETS)}; got {dataset!r}")
+    check_protocol(protocol)
 
 
 def load_splits(
@@ -38,7 +49,7 @@ def load_splits(
     *,
     val_classes: int = 0,
     validation: bool | None = None,
-) -> FewShotSplits:
+) -> Splits[FewShotDataset]:
     """Load the meta-train, meta-test and (optionally) validation splits of a dataset, on the CPU.
 
     Omniglot is split by ``protocol`` with the 90-degree rotations of meta-train characters as
@@ -56,17 +67,19 @@ def load_splits(
         validation: Load Mini-ImageNet's validation split (default: when ``val_classes`` > 0).
 
     Returns:
-        The splits, uint8 images on the CPU.
+        The splits, uint8 images on the CPU; ``val`` is None without validation.
 
     Raises:
-        ValueError: On an unknown dataset, or Mini-ImageNet without ``root``.
+        ValueError: On an unknown dataset or protocol (see :func:`check_dataset`), or
+            Mini-ImageNet without ``root``.
         FileNotFoundError: If ``root`` lacks the dataset's files.
 
     Example:
         >>> splits = load_splits("omniglot")
-        >>> splits.train.num_classes, splits.test.num_classes
-        (4800, 423)
+        >>> splits.train.num_classes, splits.test.num_classes, splits.val
+        (4800, 423, None)
     """
+    check_dataset(dataset, protocol)
     with_val = val_classes > 0 if validation is None else validation
     return _load_splits(dataset, root, protocol, val_classes, with_val)
 
@@ -74,23 +87,18 @@ def load_splits(
 @functools.lru_cache(maxsize=2)
 def _load_splits(
     dataset: str, root: str | None, protocol: str, val_classes: int, validation: bool
-) -> FewShotSplits:
+) -> Splits[FewShotDataset]:
     if dataset == "omniglot":
-        if protocol not in ("paper", "lake"):
-            raise ValueError(f"unknown Omniglot protocol {protocol!r}; use 'paper' or 'lake'")
-        omniglot = load_omniglot(
-            root, protocol="paper" if protocol == "paper" else "lake", val_classes=val_classes
+        # load_splits ran check_dataset, so the protocol is one of PROTOCOLS.
+        omniglot_protocol = cast(OmniglotProtocol, protocol)
+        return load_omniglot(root, protocol=omniglot_protocol, val_classes=val_classes)
+    if root is None:
+        raise ValueError(
+            "Mini-ImageNet is not embedded: pass --root pointing to a local copy "
+            "(see implicit_meta.data.load_mini_imagenet for the accepted layouts)"
         )
-        return FewShotSplits(omniglot.train, omniglot.test, omniglot.val)
-    if dataset == "mini-imagenet":
-        if root is None:
-            raise ValueError(
-                "Mini-ImageNet is not embedded: pass --root pointing to a local copy "
-                "(see implicit_meta.data.load_mini_imagenet for the accepted layouts)"
-            )
-        return FewShotSplits(
-            load_mini_imagenet_split(root, "train"),
-            load_mini_imagenet_split(root, "test"),
-            load_mini_imagenet_split(root, "val") if validation else None,
-        )
-    raise ValueError(f"unknown dataset {dataset!r}; use 'omniglot' or 'mini-imagenet'")
+    return Splits(
+        train=load_mini_imagenet_split(root, "train"),
+        val=load_mini_imagenet_split(root, "val") if validation else None,
+        test=load_mini_imagenet_split(root, "test"),
+    )

@@ -1,71 +1,23 @@
-"""The meta-training loop: episodes in, checkpoints, metrics, curves and a test score out."""
+"""``train``: the meta-training run of ``implicit-meta train``, driven step by step."""
 
 from __future__ import annotations
 
-import json
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
-from tqdm.auto import tqdm  # type: ignore[import-untyped,unused-ignore]
 
-from implicit_meta.data import EpisodeSampler, FewShotDataset
-from implicit_meta.distributed import (
-    DistributedContext,
-    all_reduce_mean,
-    average_gradients,
-    broadcast_object,
-    broadcast_parameters,
-    init_distributed,
-    launch_world_size,
-)
-from implicit_meta.fewshot._run_evaluation import evaluate, selected_model, validate
-from implicit_meta.fewshot._run_state import Run, metrics_record
-from implicit_meta.fewshot.builders import (
-    build_lr_scheduler,
-    build_meta_optimizer,
-    build_model,
-    initial_model,
-)
-from implicit_meta.fewshot.checkpoint import load_checkpoint
-from implicit_meta.fewshot.checks import check_config, check_model, check_world_size
-from implicit_meta.fewshot.config import TrainConfig, check_resumable
+from implicit_meta.data import FewShotDataset, Splits
+from implicit_meta.distributed import DistributedContext, init_distributed, launch_world_size
+from implicit_meta.fewshot._run import Run, on_main, read_folder
+from implicit_meta.fewshot.checks import check_world_size
+from implicit_meta.fewshot.config import TrainConfig
 from implicit_meta.fewshot.device import available_cpus, configure_threads, resolve_device
 from implicit_meta.fewshot.evaluation import EvaluationResult
-from implicit_meta.fewshot.meta_batch import meta_train_step
-from implicit_meta.fewshot.meta_splits import FewShotSplits, load_splits
-from implicit_meta.fewshot.metrics import MetricsLog, read_metrics
-from implicit_meta.fewshot.plots import plot_curves
-from implicit_meta.fewshot.run_files import (
-    BEST_NAME,
-    CHECKPOINT_NAME,
-    CONFIG_NAME,
-    CURVES_NAME,
-    EVALUATION_NAME,
-    METRICS_NAME,
-)
+from implicit_meta.fewshot.meta_splits import load_splits
 
-# The run-file names and the checks live in run_files, checks and config; they stay importable
-# from here, where they were first defined.
-__all__ = [
-    "BEST_NAME",
-    "CHECKPOINT_NAME",
-    "CURVES_NAME",
-    "EVALUATION_NAME",
-    "METRICS_NAME",
-    "TrainResult",
-    "check_config",
-    "check_resumable",
-    "check_world_size",
-    "train",
-]
-
-_T = TypeVar("_T")
+__all__ = ["TrainResult", "train"]
 
 
 @dataclass(frozen=True)
@@ -117,7 +69,7 @@ def train(
     *,
     resume: bool = False,
     progress: bool = True,
-    splits: FewShotSplits | None = None,
+    splits: Splits[FewShotDataset] | None = None,
 ) -> TrainResult:
     """Meta-train a few-shot classifier with iMAML, then evaluate it on held-out classes.
 
@@ -167,7 +119,8 @@ def train(
         config: The run settings.
         out_dir: Run folder, created if needed (by rank 0).
         resume: Continue from ``out_dir/checkpoint.pt``; ``config`` may differ from the stored
-            one only as :func:`check_resumable` allows.
+            one only as :func:`~implicit_meta.fewshot.config.check_resumable` allows (the
+            settings are those of ``config``, never read back from the checkpoint).
         progress: Show tqdm bars (meta-training and evaluation) on stderr, on rank 0.
         splits: Meta-train / meta-test (/ validation) datasets to use instead of loading
             ``config.dataset``; without ``splits.val`` there is no validation.
@@ -178,9 +131,12 @@ def train(
     Raises:
         FileExistsError: If ``out_dir`` already holds a checkpoint and ``resume`` is false.
         FileNotFoundError: If ``resume`` is true and there is no checkpoint.
-        ValueError: If the resumed config changes what the run computes, the checkpoint was
-            written by a different number of processes, or the meta-batch does not divide
-            across the processes (raised before any process joins the group).
+        ValueError: If the resumed config changes
+            what the run computes, the checkpoint was written by a different number of
+            processes, or the meta-batch does not divide across the processes (raised before
+            any process joins the group).
+        implicit_meta.fewshot.CheckpointError: If the checkpoint to resume is not readable,
+            or was written in another format (by another version of implicit-meta).
         implicit_meta.fewshot.DeviceUnavailableError: If CUDA is requested but absent.
 
     Example:
@@ -195,10 +151,10 @@ def train(
         >>> sorted(p.name for p in result.out_dir.iterdir())[:3]
         ['checkpoint.pt', 'config.json', 'curves.png']
     """
-    # Checked before joining the group: every rank raises the same error at once instead of
-    # some ranks waiting forever for others.
+    # The config checked its settings when it was made; the launch is checked here, before
+    # anything is created or any process joins the group, so every rank raises the same error
+    # at once instead of some ranks waiting forever for others.
     check_world_size(config, launch_world_size())
-    check_config(config)
     device = resolve_device(config.device)
     owns_group = launch_world_size() > 1 and not dist.is_initialized()
     context = init_distributed(config.device)
@@ -211,72 +167,6 @@ def train(
             dist.destroy_process_group()
 
 
-def _threads(config: TrainConfig, context: DistributedContext, device: torch.device) -> int:
-    if config.threads or not context.enabled or device.type != "cpu":
-        return config.threads
-    # Ranks on one machine share its cores; the load average lags behind ranks that have just
-    # started, so it cannot tell them apart.
-    return max(1, available_cpus() // context.local_world_size)
-
-
-def _prepare_output(
-    config: TrainConfig, out: Path, resume: bool, context: DistributedContext
-) -> dict[str, Any] | None:
-    """On rank 0: check ``out``, writing nothing; return the checkpoint to resume, if any."""
-    checkpoint_path = out / CHECKPOINT_NAME
-    saved: dict[str, Any] | None = None
-    if resume:
-        saved = load_checkpoint(checkpoint_path)
-        check_resumable(TrainConfig.from_dict(saved["config"]), config)
-        stored_world = int(saved.get("world_size", 1))
-        if stored_world != context.world_size:
-            raise ValueError(
-                f"{checkpoint_path} was written by a run of {stored_world} process(es); "
-                f"resume it with {stored_world} (each holds its own episode stream)"
-            )
-    elif checkpoint_path.exists():
-        raise FileExistsError(
-            f"{checkpoint_path} exists; resume it or choose another output folder"
-        )
-    return saved
-
-
-def _create_output(out: Path) -> None:
-    """On rank 0: create ``out`` and clear what a killed write left in it."""
-    out.mkdir(parents=True, exist_ok=True)
-    # Temp files of a write (checkpoint, best.pt, curves) killed before its rename; the files
-    # they were meant to replace are intact.
-    for stale in out.glob(".*.tmp"):
-        stale.unlink(missing_ok=True)
-
-
-def _prepare_everywhere(
-    config: TrainConfig, out: Path, resume: bool, context: DistributedContext
-) -> dict[str, Any] | None:
-    """Rank 0 checks ``out`` and reads the checkpoint; every rank gets it or rank 0's error."""
-    return _on_main(lambda: _prepare_output(config, out, resume, context), context)
-
-
-def _on_main(work: Callable[[], _T], context: DistributedContext) -> _T:
-    """Run ``work`` on rank 0; every rank gets its result or its error.
-
-    Only rank 0 touches the run folder, so the other ranks (possibly on other machines) need
-    no access to it, and an error there stops every rank instead of leaving them waiting.
-    """
-    outcome: _T | BaseException | None = None
-    if context.is_main:
-        try:
-            outcome = work()
-        except Exception as error:  # any failure must reach the other ranks too
-            if not context.enabled:
-                raise
-            outcome = error
-    outcome = broadcast_object(outcome, context)
-    if isinstance(outcome, BaseException):
-        raise outcome
-    return outcome  # type: ignore[return-value]  # rank 0's result
-
-
 def _train(
     config: TrainConfig,
     out: Path,
@@ -284,12 +174,12 @@ def _train(
     device: torch.device,
     resume: bool,
     progress: bool,
-    splits: FewShotSplits | None,
+    splits: Splits[FewShotDataset] | None,
 ) -> TrainResult:
-    checkpoint_path = out / CHECKPOINT_NAME
     configure_threads(_threads(config, context, device))
-    progress = progress and context.is_main
-    saved = _prepare_everywhere(config, out, resume, context)
+    # Rank 0 checks the folder and reads the checkpoint before the data is loaded; every rank
+    # gets the checkpoint, or rank 0's error.
+    saved = on_main(lambda: read_folder(config, out, resume, context), context)
     if splits is None:
         splits = load_splits(
             config.dataset,
@@ -298,197 +188,56 @@ def _train(
             val_classes=config.val_classes if config.val_episodes else 0,
             validation=config.val_episodes > 0,
         )
-
-    torch.manual_seed(config.seed)
-    image_shape = splits.train.image_shape
-    model = build_model(config, image_shape, device)
-    # The backbone must take the dataset's images: checked here, before the run folder exists,
-    # so that a backbone that cannot leaves no folder behind and the error is one line.
-    check_model(model, config, image_shape, device)
-    _on_main(lambda: _create_output(out), context)
-    # Same seed, same initialisation on every rank in practice; the broadcast makes it certain
-    # (e.g. for nondeterministic initialisers on some devices).
-    broadcast_parameters(model, context)
-    meta = build_meta_optimizer(model, config)
-    run = Run(
-        config=config,
-        model=model,
-        meta=meta,
-        scheduler=build_lr_scheduler(meta.outer_optimizer, config),
-        sampler=EpisodeSampler(
-            splits.train,
-            config.ways,
-            config.shots,
-            config.queries,
-            config.seed,
-            device,
-            rank=context.rank,
-        ),
-        image_shape=image_shape,
-        device=device,
-        context=context,
-    )
-    if context.enabled:
-        # meta_train_step leaves each rank's task-mean gradient in p.grad; averaging them just
-        # before Adam's step makes it the mean over the whole meta-batch on every rank.
-        run.meta.outer_optimizer.register_step_pre_hook(
-            lambda *_: average_gradients(run.model, context)
-        )
-    log = MetricsLog(out / METRICS_NAME) if context.is_main else None
-    if saved is not None:
-        run.restore(saved)
-        if log is not None:
-            # Records logged after the checkpoint are about to be recomputed.
-            log.truncate_after(run.step)
-        # Total training time so far, for the logs only: the checkpoint holds no clock.
-        logged = [r["elapsed"] for r in read_metrics(out / METRICS_NAME) if "elapsed" in r]
-        run.elapsed = broadcast_object(float(logged[-1]) if logged else 0.0, context)
-    elif log is not None:
-        log.path.unlink(missing_ok=True)
-        (out / BEST_NAME).unlink(missing_ok=True)
-    if context.is_main:
-        (out / CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2) + "\n", "utf-8")
-
-    validation = splits.val if config.val_episodes > 0 else None
-    stopped_by = _meta_train(run, log, out, validation, progress)
-    run.checkpoint(checkpoint_path)
-
-    evaluation = baseline = None
-    evaluated: Path | None = None
-    evaluated_step: int | None = None
-    if config.eval_episodes > 0 and stopped_by == "meta_steps":
-        evaluated, evaluated_step, selected = selected_model(run, out, validation is not None)
-        evaluation = evaluate(run, splits.test, selected, config.eval_episodes, progress)
-        start = initial_model(config, image_shape, device)
-        broadcast_parameters(start, context)
-        baseline = evaluate(run, splits.test, start, config.eval_episodes, progress)
-        if context.is_main:
-            summary = {
-                **evaluation.to_dict(),
-                "step": evaluated_step,
-                "checkpoint": str(evaluated),
-                "baseline": baseline.to_dict(),
-                "gain": evaluation.accuracy - baseline.accuracy,
-                "best": run.best,
-            }
-            (out / EVALUATION_NAME).write_text(json.dumps(summary, indent=2) + "\n", "utf-8")
-    if log is not None:
-        plot_curves(
-            read_metrics(log.path),
-            out / CURVES_NAME,
-            test_accuracy=evaluation.accuracy if evaluation else None,
-            baseline_accuracy=baseline.accuracy if baseline else None,
-            title=_title(config),
-        )
+    with Run(config, out, splits, context=context, device=device, progress=progress) as run:
+        if saved is not None:
+            run.restore(saved)
+        stopped_by = _meta_train(run)
+        run.stop()
+        run.checkpoint()
+        scores = run.evaluate() if config.eval_episodes and stopped_by == "meta_steps" else None
+    if scores is None:
+        return TrainResult(out, run.steps_done, run.elapsed, stopped_by, None)
+    evaluation, baseline, evaluated, evaluated_step = scores
     return TrainResult(
-        out, run.step, run.elapsed, stopped_by, evaluation, baseline, evaluated, evaluated_step
+        out,
+        run.steps_done,
+        run.elapsed,
+        stopped_by,
+        evaluation,
+        baseline,
+        evaluated,
+        evaluated_step,
     )
 
 
-def _title(config: TrainConfig) -> str:
-    problem = config.inner_problem()
-    return (
-        f"iMAML {config.dataset} {config.ways}-way {config.shots}-shot, {config.backbone}, "
-        f"adapt {config.adapt}, {problem.solver} x{problem.steps}, {_adjoint_words(config)}"
-    )
+def _meta_train(run: Run) -> str:
+    """Run meta-steps until ``meta_steps`` or the time budget; return which one stopped them.
 
-
-def _adjoint_words(config: TrainConfig) -> str:
-    adjoint = config.adjoint()
-    if adjoint.first_order:
-        return f"reg {config.proximal_reg:g}, first-order"
-    # "auto" is Gauss-Newton here: the trainer's inner loss is an output_loss.
-    curvature = "gauss_newton" if config.curvature == "auto" else config.curvature
-    return adjoint.replace(curvature=curvature).describe()
-
-
-def _meta_train(
-    run: Run,
-    log: MetricsLog | None,
-    out: Path,
-    validation: FewShotDataset | None,
-    progress: bool,
-) -> str:
-    """Run meta-steps until ``meta_steps`` or the time budget; return which one stopped it.
-
-    Every rank runs this loop in lockstep: the stopping decision uses rank 0's clock, and the
-    collectives (gradient averaging, logging, validation, checkpoints) fall on the same steps
-    everywhere. The clock decides only whether the next step runs, never its arithmetic.
+    The model is validated at step 0 (the curve's first point and the first ``best.pt``),
+    every ``val_every`` steps and at the end, and checkpointed every ``checkpoint_every``
+    steps. Every rank runs this loop in lockstep: the stopping decision uses rank 0's clock,
+    and the collectives (gradient averaging, logging, validation, checkpoints) fall on the same
+    steps everywhere.
     """
-    config, context = run.config, run.context
-    checkpoint_path = out / CHECKPOINT_NAME
-    totals: Tensor | None = None
-    count = 0
-    stopped_by = "meta_steps"
-    start, base, first_step = time.perf_counter(), run.elapsed, run.step
-    tasks_per_rank = config.meta_batch // context.world_size
+    config = run.config
+    if run.validating and run.steps_done == 0:
+        run.validate()
+    while run.steps_done < config.meta_steps:
+        if run.out_of_time():
+            return "time_budget"
+        run.step()
+        if run.validating and (
+            run.steps_done % config.val_every == 0 or run.steps_done == config.meta_steps
+        ):
+            run.validate()
+        if run.steps_done % config.checkpoint_every == 0:
+            run.checkpoint()
+    return "meta_steps"
 
-    def clock() -> float:
-        return broadcast_object(base + time.perf_counter() - start, context)
 
-    lr = run.lr
-    postfix: dict[str, str] = {}
-    if validation is not None and run.step == 0:
-        # The untrained model's score: the curve's step-0 point and the first best.pt.
-        postfix["val"] = f"{validate(run, log, out, validation).accuracy:.3f}"
-    bar = tqdm(
-        total=config.meta_steps,
-        initial=run.step,
-        desc="meta-train",
-        unit="step",
-        disable=not progress,
-        dynamic_ncols=True,
-    )
-    with bar:
-        while run.step < config.meta_steps:
-            run.elapsed = clock()
-            # Checked from the second step of a call on, so that every call makes progress.
-            spent = run.elapsed - base
-            if config.time_budget and run.step > first_step and spent >= config.time_budget:
-                stopped_by = "time_budget"
-                break
-            lr = run.lr
-            batch = run.sampler.sample(tasks_per_rank)
-            stats = meta_train_step(run.meta, batch, config.task_strategy).stacked()
-            run.scheduler.step()
-            totals = stats if totals is None else totals + stats
-            count += 1
-            run.step += 1
-            bar.update(1)
-            if run.step % config.log_every == 0 and totals is not None:
-                run.elapsed = clock()
-                record = metrics_record(
-                    run.step, run.elapsed, all_reduce_mean(totals, context), count, lr
-                )
-                if log is not None:
-                    log.append(record)
-                seconds = max(run.elapsed - base, 1e-9)
-                postfix.update(
-                    loss=f"{record['outer_loss']:.3f}",
-                    acc=f"{record['query_accuracy']:.3f}",
-                    lr=f"{lr:.1e}",
-                    tasks_s=f"{(run.step - first_step) * config.meta_batch / seconds:.1f}",
-                    # Relative values (see MetaBatchStats) and the share of tasks whose CG met
-                    # non-positive curvature: what says whether the meta-gradient can be trusted.
-                    stat=f"{record['relative_stationarity']:.2g}",
-                    res=f"{record['relative_cg_residual']:.2g}",
-                    npc=f"{record['status_share.NONPOSITIVE_CURVATURE']:.0%}",
-                )
-                bar.set_postfix(postfix)
-                totals, count = None, 0
-            if validation is not None and (
-                run.step % config.val_every == 0 or run.step == config.meta_steps
-            ):
-                run.elapsed = clock()
-                postfix["val"] = f"{validate(run, log, out, validation).accuracy:.3f}"
-                bar.set_postfix(postfix)
-            if run.step % config.checkpoint_every == 0:
-                run.checkpoint(checkpoint_path)
-                if log is not None:
-                    plot_curves(read_metrics(log.path), out / CURVES_NAME)
-    run.elapsed = clock()
-    if totals is not None and count:
-        record = metrics_record(run.step, run.elapsed, all_reduce_mean(totals, context), count, lr)
-        if log is not None:
-            log.append(record)
-    return stopped_by
+def _threads(config: TrainConfig, context: DistributedContext, device: torch.device) -> int:
+    if config.threads or not context.enabled or device.type != "cpu":
+        return config.threads
+    # Ranks on one machine share its cores; the load average lags behind ranks that have just
+    # started, so it cannot tell them apart.
+    return max(1, available_cpus() // context.local_world_size)

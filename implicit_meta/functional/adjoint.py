@@ -29,12 +29,22 @@ from implicit_meta.functional.cg import CGResult, CGStatus, conjugate_gradient
 from implicit_meta.functional.curvature import (
     CURVATURES,
     CurvatureFn,
-    _grad_and_value,
     curvature_products,
     resolve_curvature,
 )
+from implicit_meta.functional.grad import grad_and_value
 from implicit_meta.functional.hvp import ScalarFn, resolve_hvp_mode
 from implicit_meta.functional.tree import Params, tree_axpy, tree_norm, tree_scale, tree_sub
+
+_UNSET: Any = None
+
+DEFAULT_REG = 1.0
+"""``reg`` of an adjoint, and of a whole-model inner problem, when none is given.
+
+A meta-optimizer sets its adjoint's ``reg`` to that of its inner problem (see
+:data:`~implicit_meta.problem.WHOLE_MODEL_DEFAULTS`); an adjoint built without ``reg`` leaves it
+to the problem, one built with ``reg`` states it.
+"""
 
 IMPLICIT_CG_STEPS = 5
 """CG steps an adjoint takes when a system is chosen but ``cg_steps`` is not."""
@@ -47,28 +57,6 @@ turn the solve on, and with ``cg_steps=0`` they are accepted and have no effect.
 _CURVATURE_SYMBOLS = {"hessian": "H", "gauss_newton": "G"}
 
 
-def stored_first_order(values: Mapping[str, Any]) -> dict[str, Any]:
-    """Saved settings, with the system fields dropped where ``cg_steps`` is 0.
-
-    Settings saved before ``cg_steps=0`` beside a system field was refused (``--curvature
-    gauss_newton`` alone once stored exactly that) still load: first-order never read those
-    fields, so dropping them changes no arithmetic.
-
-    Args:
-        values: Saved fields (of an adjoint or a config holding its fields).
-
-    Returns:
-        A copy that the current checks accept.
-
-    Example:
-        >>> stored_first_order({"cg_steps": 0, "curvature": "gauss_newton", "reg": 1.0})
-        {'cg_steps': 0, 'reg': 1.0}
-    """
-    if values.get("cg_steps") != 0:
-        return dict(values)
-    return {k: v for k, v in values.items() if k not in SYSTEM_FIELDS}
-
-
 @dataclass(frozen=True)
 class ImplicitAdjoint:
     """How the implicit meta-gradient's linear system is built and solved.
@@ -76,6 +64,8 @@ class ImplicitAdjoint:
     Attributes:
         reg: Proximal regularisation strength ``lambda > 0``: the inner problem is
             ``argmin L_in(phi) + reg/2 ||phi - theta||^2``, and the system is scaled by it.
+            Not given, it is :data:`DEFAULT_REG`, and a meta-optimizer sets it to its inner
+            problem's ``reg``.
         curvature: ``"auto"`` (Gauss-Newton when the inner loss is stated with
             :func:`~implicit_meta.output_loss`, the Hessian otherwise), ``"hessian"``,
             ``"gauss_newton"``, or a :class:`~implicit_meta.functional.CurvatureFn`.
@@ -113,7 +103,7 @@ class ImplicitAdjoint:
         True
     """
 
-    reg: float = 2.0
+    reg: float = _UNSET
     curvature: str | CurvatureFn = "auto"
     damping: float = 0.0
     curvature_scale: float = 1.0
@@ -123,7 +113,10 @@ class ImplicitAdjoint:
 
     def __post_init__(self) -> None:
         """Validate every field (and store numbers as plain ``float``/``int``)."""
-        object.__setattr__(self, "reg", check_real(self.reg, "reg", positive=True))
+        # Remembered like cg_steps: a reg that was not given is the inner problem's to set.
+        object.__setattr__(self, "_reg_derived", self.reg is None)
+        reg = DEFAULT_REG if self.reg is None else self.reg
+        object.__setattr__(self, "reg", check_real(reg, "reg", positive=True))
         object.__setattr__(self, "damping", check_real(self.damping, "damping", positive=False))
         scale = check_real(self.curvature_scale, "curvature_scale", positive=True)
         object.__setattr__(self, "curvature_scale", scale)
@@ -217,9 +210,11 @@ class ImplicitAdjoint:
             The new adjoint.
 
         Example:
-            >>> ImplicitAdjoint(curvature="hessian").replace(cg_steps=10).describe()
+            >>> ImplicitAdjoint(reg=2.0, curvature="hessian").replace(cg_steps=10).describe()
             'I + H/2, CG 10'
         """
+        if "reg" not in changes and getattr(self, "_reg_derived", False):
+            changes["reg"] = None
         if "cg_steps" not in changes and getattr(self, "_cg_steps_derived", False):
             changes["cg_steps"] = None
         return dataclasses.replace(self, **changes)
@@ -265,7 +260,7 @@ class ImplicitAdjoint:
         unknown = set(values) - known
         if unknown:
             raise ValueError(f"unknown adjoint settings: {sorted(unknown)}")
-        fields = stored_first_order(values)
+        fields = dict(values)
         if "curvature" in fields and fields["curvature"] is None:
             if curvature is None:
                 raise ValueError(
@@ -350,7 +345,7 @@ def solve_adjoint(
     """
     steps = adjoint.cg_steps
     if not steps:
-        gradient, value = _grad_and_value(inner_loss, phi)
+        gradient, value = grad_and_value(inner_loss, phi)
         reference = next(iter(outer_grad.values()))
         zero = torch.zeros((), dtype=reference.dtype, device=reference.device)
         cg = CGResult(

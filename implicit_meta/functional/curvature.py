@@ -26,7 +26,12 @@ import torch
 from torch import Tensor
 
 from implicit_meta.functional._attention import math_attention, with_math_attention
-from implicit_meta.functional._grad import inside_transform
+from implicit_meta.functional.grad import (
+    grad_and_value,
+    inside_transform,
+    reverse_over_reverse,
+    vjp,
+)
 from implicit_meta.functional.hvp import HVPFn, ScalarFn, value_grad_and_hvp
 from implicit_meta.functional.tree import Params
 
@@ -154,7 +159,7 @@ def curvature_products(
         assert isinstance(inner_loss, ComposedLoss)  # resolve_curvature checked it
         return gauss_newton_products(inner_loss, phi)
     assert callable(concrete)
-    gradient, value = _grad_and_value(inner_loss, phi)
+    gradient, value = grad_and_value(inner_loss, phi)
     # A user's products are second-order too: attention runs on its math kernel in them.
     with math_attention():
         product = concrete(inner_loss, phi)
@@ -195,88 +200,57 @@ def gauss_newton_products(loss: ComposedLoss, params: Params) -> tuple[Tensor, P
     # attention's fused kernels lack: the products build their graphs, and run, with the math
     # kernel (see implicit_meta.functional._attention).
     with math_attention():
-        if inside_transform():
-            value, gradient, product = _gauss_newton_func(loss, params)
-        else:
-            value, gradient, product = _gauss_newton_autograd(loss, params)
+        value, gradient, product = _gauss_newton(loss, params)
     return value, gradient, with_math_attention(product)
 
 
-def _gauss_newton_func(loss: ComposedLoss, params: Params) -> tuple[Tensor, Params, HVPFn]:
-    outputs, outputs_vjp = torch.func.vjp(loss.outputs, params)  # type: ignore[misc]
+_OUTPUTS = "outputs"
+
+
+def _gauss_newton(loss: ComposedLoss, params: Params) -> tuple[Tensor, Params, HVPFn]:
+    built_outside = not inside_transform()
+    outputs, outputs_vjp = vjp(loss.outputs, params)
     # H_l by reverse-over-reverse on the (small) outputs: it is symmetric, so the vjp of the
     # criterion's gradient is the product. Forward mode through some criteria fails under vmap
     # (mse_loss's double backward meets an immutable ZeroTensor there).
-    out_grad, criterion_hvp, value = torch.func.vjp(  # type: ignore[misc]
-        torch.func.grad(_with_value(loss.criterion), has_aux=True), outputs, has_aux=True
+    value, out_grad, criterion_hvp = reverse_over_reverse(
+        lambda out: loss.criterion(out[_OUTPUTS]), {_OUTPUTS: outputs}
     )
-    (gradient,) = outputs_vjp(out_grad)
-
-    def product(vector: Params) -> Params:
-        _, jv = torch.func.jvp(loss.outputs, (params,), (vector,))  # type: ignore[misc]
-        (hjv,) = criterion_hvp(jv)
-        (result,) = outputs_vjp(hjv)
-        # Detached so that CG iterates do not chain the graphs of successive products.
-        return {k: v.detach() for k, v in result.items()}
-
-    return value.detach(), {k: v.detach() for k, v in gradient.items()}, product
-
-
-def _gauss_newton_autograd(loss: ComposedLoss, params: Params) -> tuple[Tensor, Params, HVPFn]:
-    names = list(params)
-    leaves = [params[k].detach().requires_grad_(True) for k in names]
-    with torch.enable_grad():
-        outputs = loss.outputs(dict(zip(names, leaves, strict=True)))
-        out_leaf = outputs.detach().requires_grad_(True)
-        value = loss.criterion(out_leaf)
-        (out_grad,) = torch.autograd.grad(value, out_leaf, create_graph=True)
-        gradient = torch.autograd.grad(
-            outputs, leaves, out_grad.detach(), retain_graph=True, materialize_grads=True
-        )
-        # u -> J^T u with u a leaf: differentiating it in u (it is linear) gives J v.
+    gradient = outputs_vjp(out_grad[_OUTPUTS])
+    if built_outside:
+        # u -> J^T u with u a leaf: differentiating it in u (it is linear) gives J v, one more
+        # backward through the graph already built.
         dual = torch.zeros_like(outputs, requires_grad=True)
-        transposed = torch.autograd.grad(
-            outputs, leaves, dual, create_graph=True, materialize_grads=True
-        )
+        transposed = outputs_vjp(dual, create_graph=True)
+
+        def jacobian_product(vector: Params) -> Tensor:
+            with torch.enable_grad():
+                (jv,) = torch.autograd.grad(
+                    list(transposed.values()),
+                    dual,
+                    [vector[k] for k in transposed],
+                    retain_graph=True,
+                    materialize_grads=True,
+                )
+            return jv
+
+    else:
+
+        def jacobian_product(vector: Params) -> Tensor:
+            _, jv = torch.func.jvp(loss.outputs, (params,), (vector,))  # type: ignore[misc]
+            return jv  # type: ignore[no-any-return]
+
     func_route: list[HVPFn] = []
 
     def product(vector: Params) -> Params:
-        if inside_transform():
+        if built_outside and inside_transform():
+            # Built outside transforms, called inside one (vmap over vectors): the graph cannot
+            # see the transform's wrapped vector, so the torch.func route is built, once.
             if not func_route:
-                func_route.append(_gauss_newton_func(loss, params)[2])
+                func_route.append(_gauss_newton(loss, params)[2])
             return func_route[0](vector)
-        with torch.enable_grad():
-            (jv,) = torch.autograd.grad(
-                transposed,
-                dual,
-                [vector[k] for k in names],
-                retain_graph=True,
-                materialize_grads=True,
-            )
-            (hjv,) = torch.autograd.grad(out_grad, out_leaf, jv, retain_graph=True)
-            result = torch.autograd.grad(
-                outputs, leaves, hjv, retain_graph=True, materialize_grads=True
-            )
-        return dict(zip(names, result, strict=True))
+        hjv = criterion_hvp({_OUTPUTS: jacobian_product(vector)})[_OUTPUTS]
+        # Detached so that CG iterates do not chain the graphs of successive products.
+        return {k: v.detach() for k, v in outputs_vjp(hjv).items()}
 
-    return value.detach(), dict(zip(names, gradient, strict=True)), product
-
-
-def _with_value(fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
-    def fn_and_value(outputs: Tensor) -> tuple[Tensor, Tensor]:
-        value = fn(outputs)
-        return value, value.detach()
-
-    return fn_and_value
-
-
-def _grad_and_value(fn: ScalarFn, params: Params) -> tuple[Params, Tensor]:
-    if inside_transform():
-        gradient, value = torch.func.grad_and_value(fn)(params)
-        return dict(gradient), value.detach()
-    names = list(params)
-    leaves = [params[k].detach().requires_grad_(True) for k in names]
-    with torch.enable_grad():
-        value = fn(dict(zip(names, leaves, strict=True)))
-        grads = torch.autograd.grad(value, leaves, materialize_grads=True)
-    return dict(zip(names, grads, strict=True)), value.detach()
+    return value, {k: v.detach() for k, v in gradient.items()}, product

@@ -30,8 +30,8 @@ import torch
 from torch import Tensor
 
 from implicit_meta.functional._attention import math_attention, with_math_attention
-from implicit_meta.functional._grad import inside_transform
 from implicit_meta.functional._stack import user_stacklevel
+from implicit_meta.functional.grad import inside_transform, reverse_over_reverse
 from implicit_meta.functional.tree import Params
 
 HVPMode = Literal["auto", "reverse_over_reverse", "forward_over_reverse"]
@@ -68,30 +68,11 @@ def resolve_hvp_mode(mode: str) -> str:
     return "reverse_over_reverse" if mode == "auto" else mode
 
 
-def _with_value(fn: ScalarFn) -> Callable[[Params], tuple[Tensor, Tensor]]:
-    def fn_and_value(params: Params) -> tuple[Tensor, Tensor]:
-        value = fn(params)
-        return value, value.detach()
-
-    return fn_and_value
-
-
 def _reverse_over_reverse(fn: ScalarFn, params: Params) -> tuple[Tensor, Params, HVPFn]:
-    if not inside_transform():
-        return _reverse_over_reverse_autograd(fn, params)
-    return _reverse_over_reverse_func(fn, params)
-
-
-def _reverse_over_reverse_autograd(fn: ScalarFn, params: Params) -> tuple[Tensor, Params, HVPFn]:
-    # Outside torch.func transforms plain autograd is used: the gradient's graph is built once
-    # (create_graph) and every product is one backward through it without building a new graph.
-    # torch.func.vjp's products would each build (and chain) a graph of their own, which costs
-    # time and, across CG iterations, memory.
-    names = list(params)
-    leaves = [params[k].detach().requires_grad_(True) for k in names]
-    with torch.enable_grad():
-        value = fn(dict(zip(names, leaves, strict=True)))
-        grads = torch.autograd.grad(value, leaves, create_graph=True)
+    built_outside = not inside_transform()
+    value, gradient, products = reverse_over_reverse(fn, params)
+    if not built_outside:
+        return value, gradient, products
 
     def hvp_fn(vector: Params) -> Params:
         if inside_transform():
@@ -103,28 +84,9 @@ def _reverse_over_reverse_autograd(fn: ScalarFn, params: Params) -> tuple[Tensor
                 torch.func.grad(fn), (params,), (vector,)
             )
             return dict(product)
-        with torch.enable_grad():
-            products = torch.autograd.grad(
-                grads, leaves, grad_outputs=[vector[k] for k in names], retain_graph=True
-            )
-        return dict(zip(names, products, strict=True))
+        return products(vector)
 
-    gradient = {k: g.detach() for k, g in zip(names, grads, strict=True)}
-    return value.detach(), gradient, hvp_fn
-
-
-def _reverse_over_reverse_func(fn: ScalarFn, params: Params) -> tuple[Tensor, Params, HVPFn]:
-    # Inside other transforms (a solver run under vmap or grad) only torch.func composes.
-    grad_fn = torch.func.grad(_with_value(fn), has_aux=True)
-    gradient, vjp_fn, value = torch.func.vjp(grad_fn, params, has_aux=True)  # type: ignore[misc]
-
-    def hvp_fn(vector: Params) -> Params:
-        # The Hessian is symmetric, so the VJP of the gradient is the HVP. Detached so that CG
-        # iterates do not chain the graphs vjp_fn builds.
-        (product,) = vjp_fn(vector)
-        return {k: v.detach() for k, v in product.items()}
-
-    return value, dict(gradient), hvp_fn
+    return value, gradient, hvp_fn
 
 
 def _under_vmap(params: Params) -> bool:

@@ -20,7 +20,6 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from implicit_meta.functional._grad import inside_transform
 from implicit_meta.functional.adjoint import (
     AdjointSolve,
     ImplicitAdjoint,
@@ -28,6 +27,7 @@ from implicit_meta.functional.adjoint import (
     stationarity,
 )
 from implicit_meta.functional.cg import CGResult
+from implicit_meta.functional.grad import grad, inside_transform
 from implicit_meta.functional.hvp import ScalarFn
 from implicit_meta.functional.tree import Params, tree_norm
 
@@ -239,8 +239,24 @@ class TaskGradient(NamedTuple):
     relative_cg_residual: Tensor
 
 
-def _ratio(numerator: Tensor, denominator: Tensor) -> Tensor:
-    # No host sync: 0/0 is 0 (nothing to reduce, nothing left) and x/0 is inf.
+def safe_ratio(numerator: Tensor, denominator: Tensor) -> Tensor:
+    """``numerator / denominator`` for non-negative tensors, with ``0/0 = 0`` and ``x/0 = inf``.
+
+    The relative diagnostics (a norm over its scale) use it: nothing to reduce and nothing left
+    is no progress lost, while a norm over a zero scale is unbounded. No host sync.
+
+    Args:
+        numerator: A non-negative tensor (a norm, say).
+        denominator: A non-negative tensor of the same shape (its scale).
+
+    Returns:
+        The ratio, elementwise.
+
+    Example:
+        >>> import torch
+        >>> safe_ratio(torch.tensor([1.0, 0.0, 2.0]), torch.tensor([2.0, 0.0, 0.0]))
+        tensor([0.5000, 0.0000,    inf])
+    """
     positive = denominator > 0
     safe = torch.where(positive, denominator, torch.ones_like(denominator))
     degenerate = torch.where(
@@ -262,26 +278,36 @@ def _check_tracked(flags: list[bool], what: str) -> None:
         raise ValueError(_NO_GRAPH.format(what=what))
 
 
-def _start_gradient(inner_loss: ScalarFn, theta: Params) -> Params:
-    """``grad L_in(theta)``, checking once that ``L_in`` depends on the parameters."""
-    flags: list[bool] = []
+def start_gradient(inner_loss: ScalarFn, theta: Params) -> Params:
+    """``grad L_in(theta)``, checking that ``L_in`` depends on the parameters at all.
 
-    def tracked(params: Params) -> Tensor:
+    The scale of the relative stationarity (the inner objective's gradient at its start, where
+    the proximal term's vanishes), and the place a loss that lost its graph is caught before
+    any solve. One gradient, by :func:`~implicit_meta.functional.grad.grad`.
+
+    Args:
+        inner_loss: ``L_in`` as a function of a parameter dict.
+        theta: The start of the inner solve.
+
+    Returns:
+        The gradient, a dict like ``theta``.
+
+    Raises:
+        ValueError: If the loss has no ``grad_fn`` (returned ``.detach()``-ed, say).
+
+    Example:
+        >>> import torch
+        >>> start_gradient(lambda p: (p["w"] ** 2).sum(), {"w": torch.tensor([1.0, -2.0])})["w"]
+        tensor([ 2., -4.])
+    """
+
+    def checked(params: Params) -> Tensor:
         value = inner_loss(params)
-        flags.append(bool(value.requires_grad))
+        # Checked between the forward and the backward pass, which would fail less clearly.
+        _check_tracked([bool(value.requires_grad)], "inner loss (on the support batch)")
         return value
 
-    if inside_transform():
-        gradient = dict(torch.func.grad(tracked)(theta))
-        _check_tracked(flags, "inner loss (on the support batch)")
-        return gradient
-    names = list(theta)
-    leaves = [theta[k].detach().requires_grad_(True) for k in names]
-    with torch.enable_grad():
-        value = tracked(dict(zip(names, leaves, strict=True)))
-        _check_tracked(flags, "inner loss (on the support batch)")
-        grads = torch.autograd.grad(value, leaves, allow_unused=True, materialize_grads=True)
-    return dict(zip(names, grads, strict=True))
+    return grad(checked)(theta)
 
 
 def task_meta_gradient(
@@ -342,7 +368,7 @@ def task_meta_gradient(
     theta = {k: v.detach() for k, v in theta.items()}
     # The inner objective's gradient at its start, where the proximal term's vanishes: the scale
     # that relative_stationarity compares with (one gradient, the cost of one SGD step).
-    start_grad = _start_gradient(inner_loss, theta)
+    start_grad = start_gradient(inner_loss, theta)
     phi = solve_inner(
         inner_loss,
         theta,
@@ -415,8 +441,8 @@ def task_gradient(
         stationarity=task_stationarity,
         cg=solve.cg,
         outer_aux=outer_aux,
-        relative_stationarity=_ratio(task_stationarity, tree_norm(start_grad).detach()),
-        relative_cg_residual=_ratio(
+        relative_stationarity=safe_ratio(task_stationarity, tree_norm(start_grad).detach()),
+        relative_cg_residual=safe_ratio(
             solve.cg.residual_norm.detach(), tree_norm(outer_grad).detach()
         ),
     )

@@ -39,8 +39,8 @@ from implicit_meta.functional.implicit import (
     InnerSolverFn,
     TaskGradient,
     _check_tracked,
-    _start_gradient,
     solve_inner,
+    start_gradient,
     task_gradient,
 )
 from implicit_meta.functional.tree import Params, tree_dot, tree_scale
@@ -142,7 +142,7 @@ def partial_task_meta_gradient(
     support_context = _detached(support_context)
     query_context = _detached(query_context)
     inner_loss: ScalarFn = inner_at(support_context)
-    start_grad = _start_gradient(inner_loss, theta)
+    start_grad = start_gradient(inner_loss, theta)
     phi = solve_inner(
         inner_loss,
         theta,

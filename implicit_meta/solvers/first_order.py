@@ -11,9 +11,9 @@ from collections.abc import Callable
 
 import torchopt
 
-from implicit_meta.functional._grad import grad
+from implicit_meta.functional.grad import grad
 from implicit_meta.functional.tree import Params
-from implicit_meta.solvers.registry import Objective, inner_solver
+from implicit_meta.solvers.registry import Objective, register_inner_solver
 
 
 def _run_torchopt(
@@ -31,7 +31,7 @@ def _run_torchopt(
     return params
 
 
-@inner_solver("sgd")
+@register_inner_solver("sgd")
 def sgd(
     objective: Objective,
     params: Params,
@@ -129,7 +129,7 @@ def proximal_step_limit(momentum: float = 0.0, nesterov: bool = False) -> float:
     return 2.0 * (1.0 + momentum)
 
 
-@inner_solver("adam")
+@register_inner_solver("adam")
 def adam(
     objective: Objective,
     params: Params,

@@ -12,11 +12,11 @@ from typing import Any
 import torch
 
 from implicit_meta.functional.tree import Params
-from implicit_meta.solvers.registry import Objective, inner_solver
+from implicit_meta.solvers.registry import Objective, register_inner_solver
 from implicit_meta.solvers.torch_optim import torch_optimizer_solver
 
 
-@inner_solver(
+@register_inner_solver(
     "lbfgs",
     vmappable=False,
     reason="lbfgs runs torch.optim.LBFGS, whose line search branches on values on the host",

@@ -17,10 +17,10 @@ from torch import Tensor
 from implicit_meta.functional._attention import math_attention
 from implicit_meta.functional.tree import Params
 from implicit_meta.solvers._line_search import armijo_step
-from implicit_meta.solvers.registry import Objective, inner_solver
+from implicit_meta.solvers.registry import Objective, register_inner_solver
 
 
-@inner_solver("newton")
+@register_inner_solver("newton")
 def newton(
     objective: Objective,
     params: Params,

@@ -15,10 +15,10 @@ from implicit_meta.functional.cg import conjugate_gradient
 from implicit_meta.functional.hvp import value_grad_and_hvp
 from implicit_meta.functional.tree import Params, tree_axpy, tree_dot, tree_norm, tree_scale
 from implicit_meta.solvers._line_search import armijo_step
-from implicit_meta.solvers.registry import Objective, inner_solver
+from implicit_meta.solvers.registry import Objective, register_inner_solver
 
 
-@inner_solver("newton_cg")
+@register_inner_solver("newton_cg")
 def newton_cg(
     objective: Objective,
     params: Params,

@@ -1,8 +1,9 @@
-"""The inner-solver registry: ``@inner_solver``, lookups by name, and capabilities.
+"""The inner-solver registry: ``@register_inner_solver``, lookups by name, and capabilities.
 
 Like timm's ``@register_model``, the decorator records a plain function and returns it unchanged,
 so a solver stays an ordinary, testable function. What a solver can do beyond its signature
-(whether it runs under ``torch.func.vmap``) is recorded beside it, not on it.
+(whether it runs under ``torch.func.vmap``) is recorded beside it, not on it. Names, lookups and
+listing are those of the shared :class:`~implicit_meta._registry.Registry`, as for backbones.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any, Protocol, TypeVar, overload
 
 from torch import Tensor
 
+from implicit_meta._registry import Registry
 from implicit_meta.functional._checks import check_bool
 from implicit_meta.functional.tree import Params
 
@@ -30,9 +32,10 @@ class InnerSolver(Protocol):
     the meta-parameters. The solver returns a dict with the same keys and shapes.
 
     A solver that cannot run under ``torch.func.vmap`` (it syncs with the host or mutates
-    tensors) says so in the registry, ``@inner_solver(name, vmappable=False, reason=...)`` (or
-    :func:`declare_solver` for one not registered by name);
-    :meth:`ImplicitMetaOptimizer.meta_backward_batch` then loops over tasks without trying vmap.
+    tensors) says so in the registry,
+    ``@register_inner_solver(name, vmappable=False, reason=...)`` (or :func:`declare_solver` for
+    one not registered by name); :meth:`ImplicitMetaOptimizer.meta_backward_batch` then loops
+    over tasks without trying vmap.
     Otherwise vmap is tried and a failure falls back to the loop with a warning.
 
     The options a solver accepts (``inner_options``) are read from its signature: the keyword
@@ -78,8 +81,19 @@ def _spec(vmappable: bool, reason: str | None) -> _SolverSpec:
     return _SolverSpec(vmappable, reason)
 
 
-_REGISTRY: dict[str, Callable[..., Params]] = {}
-_SPECS: dict[str, _SolverSpec] = {}
+@dataclass(frozen=True)
+class _Registered:
+    """A registered solver and what the registry knows of it."""
+
+    solver: Callable[..., Params]
+    spec: _SolverSpec
+
+
+_SOLVERS: Registry[_Registered] = Registry(
+    "inner solver",
+    decorator="register_inner_solver",
+    hint=" (register your own with implicit_meta.register_inner_solver)",
+)
 # Specs of solvers built on the fly (torch_optimizer_solver) that are not registered by name;
 # weak keys, so that a solver built per call is not kept alive by its spec.
 _DECLARED: weakref.WeakKeyDictionary[Callable[..., Params], _SolverSpec] = (
@@ -88,11 +102,11 @@ _DECLARED: weakref.WeakKeyDictionary[Callable[..., Params], _SolverSpec] = (
 
 
 @overload
-def inner_solver(name: SolverT, /) -> SolverT: ...
+def register_inner_solver(name: SolverT, /) -> SolverT: ...
 
 
 @overload
-def inner_solver(
+def register_inner_solver(
     name: str | None = None,
     *,
     overwrite: bool = False,
@@ -101,7 +115,7 @@ def inner_solver(
 ) -> Callable[[SolverT], SolverT]: ...
 
 
-def inner_solver(
+def register_inner_solver(
     name: str | SolverT | None = None,
     *,
     overwrite: bool = False,
@@ -110,12 +124,13 @@ def inner_solver(
 ) -> SolverT | Callable[[SolverT], SolverT]:
     """Register an inner solver, by default under its function's name; it is returned unchanged.
 
-    Like timm's ``@register_model``: ``@inner_solver`` and ``@inner_solver()`` register the
-    function under its ``__name__``, ``@inner_solver("name")`` under ``"name"``.
+    Like timm's ``@register_model``: ``@register_inner_solver`` and ``@register_inner_solver()``
+    register the function under its ``__name__``, ``@register_inner_solver("name")`` under
+    ``"name"``. Registering the same function again with the same options changes nothing.
 
     Args:
         name: Name for ``ImplicitMetaOptimizer(inner=name)``; default the function's name.
-            (Used bare, as ``@inner_solver``, this is the function itself.)
+            (Used bare, as ``@register_inner_solver``, this is the function itself.)
         overwrite: Replace an existing registration of the same name instead of raising.
         vmappable: Whether the solver can run under ``torch.func.vmap``. ``False`` makes
             :meth:`ImplicitMetaOptimizer.meta_backward_batch` loop over tasks without trying
@@ -128,23 +143,23 @@ def inner_solver(
         function itself, registered.
 
     Raises:
-        ValueError: If ``name`` is empty or already taken (and ``overwrite`` is false), the
-            function has no usable name (a lambda) and none is given, or ``reason`` is missing
-            with ``vmappable=False`` or given with ``vmappable=True``.
+        ValueError: If ``name`` is empty or already taken by another solver (and ``overwrite``
+            is false), the function has no usable name (a lambda) and none is given, or
+            ``reason`` is missing with ``vmappable=False`` or given with ``vmappable=True``.
         TypeError: If ``vmappable`` is not a bool.
 
     Example:
         >>> import torch
-        >>> @inner_solver("gd_doc_example")
+        >>> @register_inner_solver("gd_doc_example")
         ... def gd(objective, params, *, steps, lr):
         ...     for _ in range(steps):
         ...         grads = torch.func.grad(objective)(params)
         ...         params = {k: v - lr * grads[k] for k, v in params.items()}
         ...     return params
-        >>> "gd_doc_example" in list_inner_solvers()
-        True
+        >>> list_inner_solvers("gd_doc*")
+        ['gd_doc_example']
         >>> unregister_inner_solver("gd_doc_example")
-        >>> @inner_solver
+        >>> @register_inner_solver
         ... def keep_start(objective, params, *, steps, lr):
         ...     return params
         >>> get_inner_solver("keep_start") is keep_start
@@ -152,37 +167,12 @@ def inner_solver(
         >>> unregister_inner_solver("keep_start")
     """
     if callable(name):
-        # Used bare: ``@inner_solver`` hands the function over as ``name``.
-        return inner_solver()(name)
-    if name is not None and (not isinstance(name, str) or not name):
-        raise ValueError(f"inner solver name must be a non-empty string, got {name!r}")
+        # Used bare: ``@register_inner_solver`` hands the function over as ``name``.
+        return register_inner_solver()(name)
     spec = _spec(vmappable, reason)
-
-    def register(fn: SolverT) -> SolverT:
-        if not callable(fn):
-            raise TypeError(f"inner solver {name!r} must be callable, got {type(fn).__name__}")
-        key = name if name is not None else _function_name(fn)
-        if key in _REGISTRY and not overwrite and _REGISTRY[key] is not fn:
-            raise ValueError(
-                f"an inner solver named {key!r} is already registered; "
-                "pass overwrite=True to replace it"
-            )
-        _REGISTRY[key] = fn
-        _SPECS[key] = spec
-        return fn
-
-    return register
-
-
-def _function_name(fn: Callable[..., Params]) -> str:
-    """The name ``@inner_solver`` without a name registers ``fn`` under."""
-    found = getattr(fn, "__name__", None)
-    if not isinstance(found, str) or not found.isidentifier():
-        raise ValueError(
-            f"the inner solver {fn!r} has no name of its own (a lambda or a callable object); "
-            'register it with a name: inner_solver("my_solver")(fn)'
-        )
-    return found
+    return _SOLVERS.decorator_for(
+        name, lambda solver: _Registered(solver, spec), overwrite=overwrite
+    )
 
 
 def declare_solver(
@@ -243,7 +233,7 @@ def vmap_unsupported_reason(solver: Callable[..., Params]) -> str | None:
     except TypeError:  # a callable that is unhashable or takes no weak references
         declared = None
     specs = [declared] if declared is not None else []
-    specs += [_SPECS[name] for name, fn in _REGISTRY.items() if fn is solver]
+    specs += [entry.spec for _, entry in _SOLVERS.items() if entry.solver is solver]
     return next((spec.reason for spec in specs if not spec.vmappable), None)
 
 
@@ -254,21 +244,22 @@ def unregister_inner_solver(name: str) -> None:
         name: Registered name.
 
     Raises:
-        KeyError: If nothing is registered under ``name``.
+        KeyError: If nothing is registered under ``name`` (the message names close matches).
 
     Example:
-        >>> inner_solver("tmp_doc_solver")(lambda objective, params, *, steps, lr: params)
+        >>> register_inner_solver("tmp_doc_solver")(lambda objective, params, *, steps, lr: params)
         <function <lambda> at ...>
         >>> unregister_inner_solver("tmp_doc_solver")
     """
-    if name not in _REGISTRY:
-        raise KeyError(f"no inner solver named {name!r} is registered")
-    del _REGISTRY[name]
-    del _SPECS[name]
+    _SOLVERS.remove(name)
 
 
-def list_inner_solvers() -> list[str]:
-    """Names of all registered inner solvers, sorted.
+def list_inner_solvers(pattern: str | None = None) -> list[str]:
+    """Names of the registered inner solvers, sorted; those matching ``pattern`` if given.
+
+    Args:
+        pattern: A shell-style pattern (``*``, ``?``, ``[seq]``, case-sensitive), as in timm's
+            ``list_models("resnet*")``.
 
     Returns:
         The sorted names.
@@ -276,8 +267,10 @@ def list_inner_solvers() -> list[str]:
     Example:
         >>> {"sgd", "adam", "lbfgs", "newton_cg"} <= set(list_inner_solvers())
         True
+        >>> list_inner_solvers("newton*")
+        ['newton', 'newton_cg']
     """
-    return sorted(_REGISTRY)
+    return _SOLVERS.names(pattern)
 
 
 def get_inner_solver(name: str) -> Callable[..., Params]:
@@ -290,17 +283,18 @@ def get_inner_solver(name: str) -> Callable[..., Params]:
         The solver function.
 
     Raises:
-        ValueError: If ``name`` is not registered; the message lists what is.
+        ValueError: If ``name`` is not registered; the message names the close matches and
+            lists every registered solver.
 
     Example:
         >>> get_inner_solver("sgd").__name__
         'sgd'
+        >>> get_inner_solver("bfgs")
+        Traceback (most recent call last):
+        ...
+        ValueError: unknown inner solver 'bfgs' (did you mean 'lbfgs'?); registered inner ...
     """
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        known = ", ".join(list_inner_solvers()) or "none"
-        raise ValueError(f"unknown inner solver {name!r}; registered solvers: {known}") from None
+    return _SOLVERS.get(name).solver
 
 
 def registered_name(fn: Callable[..., Params]) -> str | None:
@@ -310,16 +304,13 @@ def registered_name(fn: Callable[..., Params]) -> str | None:
         fn: A solver function.
 
     Returns:
-        The first registered name whose function is ``fn``, else ``None``.
+        The first registered name (in sorted order) whose function is ``fn``, else ``None``.
 
     Example:
         >>> registered_name(get_inner_solver("adam"))
         'adam'
     """
-    for name, registered in _REGISTRY.items():
-        if registered is fn:
-            return name
-    return None
+    return next((name for name, entry in _SOLVERS.items() if entry.solver is fn), None)
 
 
 _RESERVED = ("steps", "lr")

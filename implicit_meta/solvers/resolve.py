@@ -11,8 +11,13 @@ from collections.abc import Callable
 
 import torch
 
+from implicit_meta._registry import close_matches, did_you_mean
 from implicit_meta.functional.tree import Params
-from implicit_meta.solvers.registry import get_inner_solver, registered_name
+from implicit_meta.solvers.registry import (
+    get_inner_solver,
+    list_inner_solvers,
+    registered_name,
+)
 from implicit_meta.solvers.torch_optim import torch_optimizer_solver
 
 InnerSpec = str | Callable[..., Params] | type[torch.optim.Optimizer]
@@ -37,7 +42,9 @@ def resolve_inner_solver(inner: InnerSpec) -> tuple[Callable[..., Params], str |
         ``(solver, name)``; ``name`` is ``None`` when nothing recreates the solver by name.
 
     Raises:
-        ValueError: If a name is not registered (the message lists those that are).
+        ValueError: If a name is not registered (the message lists those that are, and the
+            close matches), or ``"torch.optim.<Name>"`` names no ``torch.optim`` optimizer
+            (the message names the close matches).
         TypeError: If ``inner`` is a class other than a ``torch.optim.Optimizer`` subclass, or
             neither a string nor callable.
 
@@ -46,6 +53,10 @@ def resolve_inner_solver(inner: InnerSpec) -> tuple[Callable[..., Params], str |
         'sgd'
         >>> resolve_inner_solver(torch.optim.Adam)[1]
         'torch.optim.Adam'
+        >>> resolve_inner_solver("torch.optim.AdamWW")
+        Traceback (most recent call last):
+        ...
+        ValueError: torch.optim has no optimizer 'AdamWW' (did you mean 'AdamW', ...?); ...
     """
     if isinstance(inner, str):
         if inner.startswith(_TORCH_OPTIM_PREFIX):
@@ -54,6 +65,8 @@ def resolve_inner_solver(inner: InnerSpec) -> tuple[Callable[..., Params], str |
                 optimizer_class, torch.optim.Optimizer
             ):
                 return torch_optimizer_solver(optimizer_class), inner
+            if inner not in list_inner_solvers():
+                raise _unknown_torch_optimizer(inner[len(_TORCH_OPTIM_PREFIX) :])
         return get_inner_solver(inner), inner
     if isinstance(inner, type):
         if issubclass(inner, torch.optim.Optimizer):
@@ -67,4 +80,19 @@ def resolve_inner_solver(inner: InnerSpec) -> tuple[Callable[..., Params], str |
     raise TypeError(
         "inner must be a registered solver name, a solver function or a torch.optim.Optimizer "
         f"subclass, got {type(inner).__name__}"
+    )
+
+
+def _unknown_torch_optimizer(name: str) -> ValueError:
+    """The error for ``"torch.optim.<name>"`` when ``torch.optim`` has no such optimizer."""
+    optimizers = [
+        attribute
+        for attribute in dir(torch.optim)
+        if isinstance(getattr(torch.optim, attribute), type)
+        and issubclass(getattr(torch.optim, attribute), torch.optim.Optimizer)
+        and attribute != "Optimizer"
+    ]
+    return ValueError(
+        f"torch.optim has no optimizer {name!r}{did_you_mean(close_matches(name, optimizers))}; "
+        "'torch.optim.<Name>' takes the name of a torch.optim.Optimizer subclass"
     )
