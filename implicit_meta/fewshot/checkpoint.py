@@ -186,9 +186,7 @@ def load_checkpoint(
         >>> import tempfile, warnings
         >>> from implicit_meta.fewshot import TrainConfig, train
         >>> warnings.simplefilter("ignore")  # curvature warnings of an untrained model
-        >>> config = TrainConfig(backbone="conv4-8", ways=3, shots=1, queries=2,
-        ...                      inner_steps=2, cg_steps=2, meta_batch=2, meta_steps=2,
-        ...                      eval_episodes=4, val_episodes=0, threads=1, device="cpu")
+        >>> config = TrainConfig.smoke()
         >>> with tempfile.TemporaryDirectory() as out:
         ...     result = train(config, out, progress=False)
         ...     state = load_checkpoint(f"{out}/checkpoint.pt")

@@ -314,6 +314,39 @@ class TrainConfig:
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(ImplicitAdjoint)}
         return default_adjoint_for(problem, ImplicitAdjoint(**{**fields, "reg": problem.reg}))
 
+    @classmethod
+    def smoke(cls, **changes: Any) -> TrainConfig:
+        """A run of a few seconds on the CPU, for examples and smoke tests, not for results.
+
+        A 3-way 1-shot task on an 8-channel Conv4, 2 meta-steps of 2 tasks, 2 inner steps,
+        CG 2 and 4 test episodes, without validation, on one CPU thread.
+
+        Args:
+            **changes: Fields to set otherwise.
+
+        Returns:
+            The config.
+
+        Example:
+            >>> TrainConfig.smoke(meta_steps=3).meta_steps
+            3
+        """
+        tiny: dict[str, Any] = {
+            "backbone": "conv4-8",
+            "ways": 3,
+            "shots": 1,
+            "queries": 2,
+            "inner_steps": 2,
+            "cg_steps": 2,
+            "meta_batch": 2,
+            "meta_steps": 2,
+            "eval_episodes": 4,
+            "val_episodes": 0,
+            "threads": 1,
+            "device": "cpu",
+        }
+        return cls(**{**tiny, **changes})
+
     def to_dict(self) -> dict[str, Any]:
         """The config as a dict of str, int, float and None (safe for ``weights_only`` loads).
 

@@ -99,9 +99,7 @@ def load_meta_model(
         >>> import tempfile, warnings
         >>> from implicit_meta.fewshot import TrainConfig, train
         >>> warnings.simplefilter("ignore")  # curvature warnings of an untrained model
-        >>> config = TrainConfig(backbone="conv4-8", ways=3, shots=1, queries=2,
-        ...                      inner_steps=2, cg_steps=2, meta_batch=2, meta_steps=2,
-        ...                      eval_episodes=0, val_episodes=0, threads=1, device="cpu")
+        >>> config = TrainConfig.smoke(eval_episodes=0)
         >>> with tempfile.TemporaryDirectory() as out:
         ...     _ = train(config, out, progress=False)
         ...     model, config = load_meta_model(out)  # the run folder, or a file in it
@@ -179,9 +177,7 @@ def evaluate_checkpoint(
         >>> import tempfile, warnings
         >>> from implicit_meta.fewshot import TrainConfig, train
         >>> warnings.simplefilter("ignore")  # curvature warnings of an untrained model
-        >>> config = TrainConfig(backbone="conv4-8", ways=3, shots=1, queries=2,
-        ...                      inner_steps=2, cg_steps=2, meta_batch=2, meta_steps=2,
-        ...                      eval_episodes=0, val_episodes=0, threads=1, device="cpu")
+        >>> config = TrainConfig.smoke(eval_episodes=0)
         >>> with tempfile.TemporaryDirectory() as out:
         ...     _ = train(config, out, progress=False)
         ...     result, _ = evaluate_checkpoint(f"{out}/checkpoint.pt", episodes=3, threads=1)

@@ -44,9 +44,7 @@ class TrainResult:
         >>> import tempfile, warnings
         >>> from implicit_meta.fewshot import TrainConfig, train
         >>> warnings.simplefilter("ignore")  # curvature warnings of an untrained model
-        >>> config = TrainConfig(backbone="conv4-8", ways=3, shots=1, queries=2,
-        ...                      inner_steps=2, cg_steps=2, meta_batch=2, meta_steps=2,
-        ...                      eval_episodes=4, val_episodes=0, threads=1, device="cpu")
+        >>> config = TrainConfig.smoke()
         >>> out = tempfile.mkdtemp()
         >>> result = train(config, out, progress=False)
         >>> result.stopped_by, result.step, result.evaluation.episodes
@@ -143,9 +141,7 @@ def train(
         >>> import tempfile, warnings
         >>> from implicit_meta.fewshot import TrainConfig, train
         >>> warnings.simplefilter("ignore")  # curvature warnings of an untrained model
-        >>> config = TrainConfig(backbone="conv4-8", ways=3, shots=1, queries=2,
-        ...                      inner_steps=2, cg_steps=2, meta_batch=2, meta_steps=2,
-        ...                      eval_episodes=4, val_episodes=0, threads=1, device="cpu")
+        >>> config = TrainConfig.smoke()
         >>> out = tempfile.mkdtemp()
         >>> result = train(config, out, progress=False)
         >>> sorted(p.name for p in result.out_dir.iterdir())[:3]
